@@ -1,0 +1,68 @@
+"""Crash-safe file system writes: build in a temp path, rename at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+
+def check_writable_parent(path: Path) -> None:
+    """Raise a clear error when the directory that would hold ``path`` cannot be written."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvomergeError(f"{path}: cannot write under {parent} (permission denied)")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp directory next to ``final`` and rename it to ``final`` on success.
+
+    On any exception the temp directory is removed and ``final`` is untouched, so a
+    crash never leaves a half-written output. With ``replace`` an existing ``final``
+    is swapped out only after the new one is complete.
+    """
+    final = Path(final)
+    check_writable_parent(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not replace:
+                raise EvomergeError(f"{final}: already exists")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` via a temp file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

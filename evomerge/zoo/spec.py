@@ -1,0 +1,127 @@
+"""Zoo recipes: model shape, task mixture and training schedule per size.
+
+A spec plus a seed determines a zoo; their hash names it on disk, so a build
+with the same spec is skipped and a changed recipe never reuses stale models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+#: Bumped whenever the build procedure changes what a spec produces.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the mixture; ``finetune`` tasks get their own fine-tuned model."""
+
+    name: str
+    min_len: int
+    max_len: int
+    finetune: bool = True
+    mix_weight: int = 1
+
+
+@dataclass(frozen=True)
+class LMZooSpec:
+    """Everything that determines an LM zoo besides the seed."""
+
+    size: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    tasks: tuple[TaskSpec, ...]
+    # Base pre-training: stops once every fine-tune task reaches `competence`
+    # validation exact match (checked every `check_every` steps) or at `base_max_steps`.
+    base_lr: float = 3e-3
+    base_batch: int = 64
+    base_warmup: int = 50
+    base_max_steps: int = 1500
+    competence: float | None = None
+    check_every: int = 50
+    # Fine-tunes: short, small learning rate, own task only -> small task vectors.
+    ft_lr: float = 3e-4
+    ft_steps: int = 300
+    ft_batch: int = 64
+    # Without training (benchmark-only zoos) fine-tunes are the base plus noise.
+    trained: bool = True
+    perturb_std: float = 0.0
+    n_validation: int = 200
+    n_test: int = 200
+    n_unlabeled: int = 200
+    max_gen_toks: int = 12
+    dtype: str = "float32"
+    max_shard_size: str = "1MB"
+    threads: int = 2
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def finetune_tasks(self) -> list[str]:
+        return [t.name for t in self.tasks if t.finetune]
+
+    def fingerprint(self, seed: int) -> str:
+        """Stable short hash of the spec and seed."""
+        blob = json.dumps({"spec": asdict(self), "seed": seed}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+LM_SIZES: dict[str, LMZooSpec] = {
+    # Mechanics only: builds in seconds; easy tasks so a few steps give some skill.
+    "tiny": LMZooSpec(
+        size="tiny",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        tasks=(
+            TaskSpec("copy", 1, 3),
+            TaskSpec("rev", 1, 3),
+            TaskSpec("sort", 1, 3),
+        ),
+        base_max_steps=120,
+        ft_steps=30,
+        ft_lr=1e-3,
+        n_validation=32,
+        n_test=32,
+        n_unlabeled=32,
+        max_gen_toks=6,
+        max_shard_size="100KB",
+    ),
+    "small": LMZooSpec(
+        size="small",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=352,
+        tasks=(
+            TaskSpec("add", 1, 2, mix_weight=2),
+            TaskSpec("rev", 5, 9),
+            TaskSpec("sort", 4, 8),
+            TaskSpec("copy", 2, 8, finetune=False),
+        ),
+        competence=0.3,
+        base_max_steps=2000,
+        ft_steps=300,
+    ),
+    # Benchmarks only (~250M parameters in bf16): untrained, fine-tunes are perturbations.
+    "medium": LMZooSpec(
+        size="medium",
+        hidden_size=1024,
+        num_layers=20,
+        num_heads=16,
+        intermediate_size=2816,
+        tasks=(
+            TaskSpec("add", 1, 2),
+            TaskSpec("rev", 5, 9),
+            TaskSpec("sort", 4, 8),
+        ),
+        trained=False,
+        perturb_std=1e-3,
+        dtype="bfloat16",
+        max_shard_size="200MB",
+    ),
+}
