@@ -176,7 +176,7 @@ def _build_into(tmp: Path, final: Path, spec: LMZooSpec, seed: int, say: Progres
 
     from evomerge.zoo.lmeval_tasks import write_task_files
     from evomerge.zoo.tokenizer import build_char_tokenizer
-    from evomerge.zoo.train import CharCodec, exact_match, mixture_sampler, train
+    from evomerge.zoo.train import CharCodec, MixtureSampler, exact_match, train
 
     tokenizer = build_char_tokenizer()
     codec = CharCodec(tokenizer)
@@ -213,12 +213,20 @@ def _build_into(tmp: Path, final: Path, spec: LMZooSpec, seed: int, say: Progres
     def val_scores(m, n: int | None = None) -> dict[str, float]:
         return {t: exact_match(m, codec, splits[t]["validation"][:n], spec.max_gen_toks) for t in finetunes}
 
-    mixture = [tasks[t.name] for t in spec.tasks for _ in range(t.mix_weight)]
-    draw = mixture_sampler(mixture, random.Random(f"{seed}:base"), heldout)
+    draw = MixtureSampler(
+        [tasks[t.name] for t in spec.tasks],
+        random.Random(f"{seed}:base"),
+        heldout,
+        [t.mix_weight for t in spec.tasks],
+    )
+    position = {t.name: i for i, t in enumerate(spec.tasks)}
 
     def competent(step: int) -> bool:
         scores = val_scores(model, 100)
         say(f"base step {step}: validation exact match " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        for name, score in scores.items():
+            if score >= spec.competence_cap:
+                draw.weights[position[name]] = spec.capped_weight * spec.tasks[position[name]].mix_weight
         return spec.competence is not None and min(scores.values()) >= spec.competence
 
     say("pre-training base on the task mixture")
@@ -241,7 +249,7 @@ def _build_into(tmp: Path, final: Path, spec: LMZooSpec, seed: int, say: Progres
         train(
             ft,
             codec,
-            mixture_sampler([tasks[name]], random.Random(f"{seed}:ft:{name}"), heldout),
+            MixtureSampler([tasks[name]], random.Random(f"{seed}:ft:{name}"), heldout),
             max_steps=spec.ft_steps,
             lr=spec.ft_lr,
             batch_size=spec.ft_batch,

@@ -22,7 +22,7 @@ class TaskSpec:
     min_len: int
     max_len: int
     finetune: bool = True
-    mix_weight: int = 1
+    mix_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,18 @@ class LMZooSpec:
     num_heads: int
     intermediate_size: int
     tasks: tuple[TaskSpec, ...]
-    # Base pre-training: stops once every fine-tune task reaches `competence`
-    # validation exact match (checked every `check_every` steps) or at `base_max_steps`.
+    # Base pre-training keeps every fine-tune task inside a competence band: a task
+    # whose validation exact match passes `competence_cap` drops to `capped_weight` in
+    # the mixture, and training stops once every task reaches `competence` (checked
+    # every `check_every` steps) or at `base_max_steps`. Fine-tunes then sharpen a
+    # skill the base partly has, the regime where merging helps.
     base_lr: float = 3e-3
     base_batch: int = 64
     base_warmup: int = 50
     base_max_steps: int = 1500
     competence: float | None = None
+    competence_cap: float = 1.0
+    capped_weight: float = 0.2
     check_every: int = 50
     # Fine-tunes: short, small learning rate, own task only -> small task vectors.
     ft_lr: float = 3e-4
@@ -98,12 +103,14 @@ LM_SIZES: dict[str, LMZooSpec] = {
         num_heads=4,
         intermediate_size=352,
         tasks=(
-            TaskSpec("add", 1, 2, mix_weight=2),
+            TaskSpec("shift", 4, 8),
             TaskSpec("rev", 5, 9),
             TaskSpec("sort", 4, 8),
             TaskSpec("copy", 2, 8, finetune=False),
+            TaskSpec("len", 1, 9, finetune=False),
         ),
         competence=0.3,
+        competence_cap=0.55,
         base_max_steps=2000,
         ft_steps=300,
     ),

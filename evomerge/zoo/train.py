@@ -51,21 +51,29 @@ def make_batch(codec: CharCodec, examples: Sequence[Example]) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def mixture_sampler(tasks: Sequence[CharTask], rng: random.Random, exclude: set[str]):
-    """Return a function drawing a batch of examples uniformly over ``tasks``.
+class MixtureSampler:
+    """Draws training batches from a weighted mixture of tasks.
 
     Prompts in ``exclude`` (the held-out evaluation items) are never trained on.
+    ``weights`` may be changed between batches, e.g. to stop pushing a task
+    the model already does well enough.
     """
 
-    def draw(n: int) -> list[Example]:
+    def __init__(self, tasks: Sequence[CharTask], rng: random.Random, exclude: set[str],
+                 weights: Sequence[float] | None = None) -> None:
+        self.tasks = list(tasks)
+        self.rng = rng
+        self.exclude = exclude
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.tasks)
+
+    def __call__(self, n: int) -> list[Example]:
         out: list[Example] = []
         while len(out) < n:
-            ex = rng.choice(tasks).sample(rng)
-            if ex[0] not in exclude:
+            task = self.rng.choices(self.tasks, weights=self.weights)[0]
+            ex = task.sample(self.rng)
+            if ex[0] not in self.exclude:
                 out.append(ex)
         return out
-
-    return draw
 
 
 def train(
