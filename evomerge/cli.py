@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -29,7 +30,7 @@ zoo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(zoo_app, name="zoo")
-console = Console(stderr=True)
+console = Console(stderr=True, log_path=False)
 out_console = Console()
 
 
@@ -127,6 +128,9 @@ def _print_verdict(v: dict) -> None:
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The CLI shows its own rich progress; the libraries' tqdm bars would interleave with it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except EvomergeError as exc:

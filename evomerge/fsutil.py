@@ -19,6 +19,8 @@ def check_writable_parent(path: Path) -> None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise EvomergeError(f"{path}: cannot create it, {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EvomergeError(f"{path}: cannot write under {parent} (permission denied)")
 
@@ -35,6 +37,11 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     check_writable_parent(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp makes the directory private (0700); the output should get the
+    # permissions of any directory the user creates.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if final.exists():

@@ -143,6 +143,20 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path):
     assert target.read_text() == "x"
 
 
+def test_out_under_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(EvomergeError, match="is a file, not a directory"):
+        build_zoo("lm", "tiny", blocker / "z")
+    assert blocker.read_text() == "x"
+
+
+def test_zoo_dirs_get_normal_permissions(tiny_zoo):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_zoo.path.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     import evomerge.zoo.lm as lm
 
