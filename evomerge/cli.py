@@ -102,6 +102,44 @@ def zoo_check(
     raise typer.Exit(0 if result.verdict["passed"] else 1)
 
 
+@app.command("merge")
+def merge(
+    config: Path = typer.Argument(..., help="mergekit-style merge YAML (a Recipe)."),
+    out_dir: Path = typer.Argument(..., help="Output Hugging Face model directory."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
+    device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs: cpu or cuda."),
+    threads: int = typer.Option(2, "--threads", help="Tensors merged in parallel."),
+    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="Seed for DARE/DELLA masks [default: the recipe's random_seed, else 0]."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Cut output shards at this size."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickle *.bin checkpoints (can run code; only for sources you trust)."),
+) -> None:
+    """Merge models as CONFIG says and write the result to OUT_DIR.
+
+    Reads mergekit's YAML unchanged (merge_method, base_model, models or slices,
+    parameters with gradients and filters, dtype, out_dtype, tokenizer_source).
+    Streams tensor by tensor with bounded memory and writes sharded safetensors,
+    config.json, the tokenizer, the recipe and a model card, into a temp
+    directory renamed at the end. Methods: linear, slerp, task_arithmetic, ties,
+    dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+    model_stock, passthrough.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from evomerge.materialize.export import merge_to_dir
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.from_file(config)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("merging tensors", total=None)
+        merge_to_dir(
+            recipe, out_dir, force=force, device=device, threads=threads, seed=seed,
+            allow_pickle=allow_pickle, max_shard_size=max_shard_size, recipe_dir=config.parent,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    console.print(f"merged model written to [bold]{out_dir}[/]")
+
+
 def _print_table(title: str, table: dict[str, dict[str, float]], tasks: list[str]) -> None:
     grid = Table(title=title)
     grid.add_column("model")

@@ -9,6 +9,8 @@ from typing import Any
 from evomerge.errors import EvomergeError
 
 Kernel = Callable[..., Any]
+#: Default marking a parameter the recipe must set (mergekit's "required").
+REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -16,14 +18,21 @@ class MergeMethod:
     """A merge method: its kernel and the parameters it accepts, with mergekit's defaults.
 
     ``source_params`` are given per source model (e.g. ``weight``, ``density``);
-    ``global_params`` once per merge (e.g. ``normalize``, ``lambda``).
+    ``global_params`` once per tensor (e.g. ``normalize``, ``lambda``). A default
+    of ``REQUIRED`` means the recipe must provide it. ``base`` says whether the
+    method needs a base model (``"required"``), can use one, or merges all
+    inputs alike (``"none"``). ``random`` methods take a ``generator``.
     """
 
     name: str
     kernel: Kernel
-    needs_base: bool
+    base: str = "required"
     source_params: dict[str, Any] = field(default_factory=dict)
     global_params: dict[str, Any] = field(default_factory=dict)
+    random: bool = False
+    min_sources: int = 1
+    max_sources: int | None = None
+    description: str = ""
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -33,6 +42,16 @@ def register(method: MergeMethod) -> MergeMethod:
     """Add ``method`` to the registry under its name."""
     METHODS[method.name] = method
     return method
+
+
+def _load_builtin() -> None:
+    from evomerge.methods import (  # noqa: F401  (modules register on import)
+        generalized_task_arithmetic,
+        linear,
+        model_stock,
+        passthrough,
+        slerp,
+    )
 
 
 def get_method(name: str) -> MergeMethod:
@@ -45,16 +64,19 @@ def get_method(name: str) -> MergeMethod:
         raise EvomergeError(f"unknown merge_method {name!r}; known methods: {known}") from None
 
 
-def _load_builtin() -> None:
-    from evomerge.methods import task_arithmetic, ties  # noqa: F401  (register on import)
+def all_methods() -> dict[str, MergeMethod]:
+    """Every registered method by name."""
+    _load_builtin()
+    return dict(METHODS)
 
 
-def weighted_deltas(base, tensors: Sequence, weights: Sequence[float]):
-    """Stack of task vectors ``w_i * (theta_i - theta_base)`` in float32."""
-    import torch
-
-    base32 = base.float()
-    return torch.stack([(t.float() - base32) * w for t, w in zip(tensors, weights)])
+def check_params(method: MergeMethod, names: Sequence[str], where: str) -> None:
+    """Raise a clear error naming the valid parameters when ``names`` has an unknown one."""
+    valid = set(method.source_params) | set(method.global_params)
+    unknown = sorted(set(names) - valid)
+    if unknown:
+        listing = ", ".join(sorted(valid)) or "(none)"
+        raise EvomergeError(f"{where}: {method.name} has no parameter {unknown[0]!r}; valid: {listing}")
 
 
 def apply_method(
@@ -63,24 +85,32 @@ def apply_method(
     tensors: Sequence,
     source_params: Sequence[dict[str, Any]] | None = None,
     global_params: dict[str, Any] | None = None,
+    generator=None,
 ):
     """Merge one tensor with method ``name``, filling mergekit's defaults.
 
     ``source_params[i]`` holds the per-source parameters of ``tensors[i]``
     (e.g. ``{"weight": 0.5, "density": 0.3}``); ``global_params`` the method-wide
-    ones (``lambda``, ``normalize``). Unknown parameter names are an error.
+    ones (``lambda``, ``normalize``). Unknown or missing required parameters are
+    an error.
     """
     method = get_method(name)
     source_params = source_params or [{} for _ in tensors]
+    global_params = global_params or {}
+    for p in source_params:
+        check_params(method, [k for k in p if k not in method.global_params], name)
+    check_params(method, list(global_params), name)
     kwargs: dict[str, Any] = {}
     for key, default in method.source_params.items():
-        kwargs[key] = [p.get(key, default) for p in source_params]
-    for p in source_params:
-        unknown = set(p) - set(method.source_params)
-        if unknown:
-            raise EvomergeError(f"{name}: unknown per-model parameter(s) {sorted(unknown)}")
-    for key, value in (global_params or {}).items():
-        if key not in method.global_params:
-            raise EvomergeError(f"{name}: unknown parameter {key!r}")
+        values = [p.get(key, default) for p in source_params]
+        if any(v is REQUIRED for v in values):
+            raise EvomergeError(f"{name}: parameter {key!r} is required for every model")
+        kwargs[key] = values
+    for key, default in method.global_params.items():
+        value = global_params.get(key, default)
+        if value is REQUIRED:
+            raise EvomergeError(f"{name}: parameter {key!r} is required")
         kwargs["lambda_" if key == "lambda" else key] = value
-    return method.kernel(base, tensors, **kwargs)
+    if method.random:
+        kwargs["generator"] = generator
+    return method.kernel(base, list(tensors), **kwargs)

@@ -1,0 +1,95 @@
+"""Architecture maps: which tensors belong to which decoder layer, and how to renumber them.
+
+A frankenmerge stacks layers from several models, so the engine must know that
+``model.layers.7.mlp.up_proj.weight`` is layer 7's MLP and that everything
+without a layer index (embeddings, final norm, LM head) is global. One map per
+naming family, chosen from ``config.json``; unknown families are inferred from
+the tensor names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from evomerge.errors import EvomergeError
+
+
+@dataclass(frozen=True)
+class ArchMap:
+    """Naming rules of one model family."""
+
+    family: str
+    layer_prefix: str  # e.g. "model.layers." -> "model.layers.{i}.<suffix>"
+    num_layers_key: str  # config.json key holding the layer count
+
+    @property
+    def _pattern(self) -> re.Pattern:
+        return re.compile(rf"^{re.escape(self.layer_prefix)}(\d+)\.(.+)$")
+
+    def split(self, name: str) -> tuple[int, str] | None:
+        """``(layer index, suffix)`` of a per-layer tensor, ``None`` for a global one."""
+        m = self._pattern.match(name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def is_pre(self, name: str) -> bool:
+        """Whether a global tensor comes before the layers (embeddings) rather than after (norm, head)."""
+        return any(marker in name for marker in ("embed", "wte", "wpe", "patch_embeddings", "position_embeddings"))
+
+    def layer_of(self, name: str) -> int | None:
+        """Layer index of ``name`` or ``None`` if it is global."""
+        parts = self.split(name)
+        return parts[0] if parts else None
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        """Full tensor name of ``suffix`` in layer ``index``."""
+        return f"{self.layer_prefix}{index}.{suffix}"
+
+    def num_layers(self, config: dict) -> int:
+        """Layer count recorded in ``config``."""
+        try:
+            return int(config[self.num_layers_key])
+        except KeyError:
+            raise EvomergeError(f"config.json has no {self.num_layers_key!r} (family {self.family})") from None
+
+    def with_num_layers(self, config: dict, n: int) -> dict:
+        """A copy of ``config`` describing ``n`` layers (per-layer lists are cut or extended)."""
+        out = dict(config)
+        out[self.num_layers_key] = n
+        # Some configs (e.g. Qwen2/3, Gemma) carry a per-layer list such as layer_types.
+        for key, value in config.items():
+            if isinstance(value, list) and len(value) == self.num_layers(config) and key.startswith("layer_"):
+                out[key] = (value * (n // len(value) + 1))[:n] if value else value
+        return out
+
+
+_LLAMA = ArchMap("llama", "model.layers.", "num_hidden_layers")
+_GPT2 = ArchMap("gpt2", "transformer.h.", "n_layer")
+
+#: model_type -> map. Llama-style naming covers Mistral, Qwen2/3, Gemma, Phi-3 and most decoder LMs.
+FAMILIES: dict[str, ArchMap] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite")},
+    "gpt2": _GPT2,
+    "vit": ArchMap("vit", "vit.encoder.layer.", "num_hidden_layers"),
+    "bert": ArchMap("bert", "bert.encoder.layer.", "num_hidden_layers"),
+}
+
+_GUESS = re.compile(r"^(.*?\b(?:layers|h|layer|blocks))\.(\d+)\.")
+
+
+def arch_for(config: dict, tensor_names: list[str] | None = None) -> ArchMap:
+    """The ArchMap for a model, from ``config['model_type']`` or inferred from tensor names."""
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        known = FAMILIES[model_type]
+        if tensor_names is None or any(n.startswith(known.layer_prefix) for n in tensor_names):
+            return known
+    for name in tensor_names or ():
+        m = _GUESS.match(name)
+        if m:
+            key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), "num_hidden_layers")
+            return ArchMap(model_type or "unknown", m.group(1) + ".", key)
+    raise EvomergeError(
+        f"cannot tell which tensors are per-layer for model_type {model_type!r}; "
+        f"known families: {', '.join(sorted(FAMILIES))}"
+    )

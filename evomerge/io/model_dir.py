@@ -1,0 +1,182 @@
+"""Read HF model directories lazily: headers first, tensors memory-mapped on demand.
+
+Shapes and dtypes come from the safetensors headers alone, so a whole merge can
+be planned and validated (missing tensors, shape mismatches, truncated files)
+before a single weight is read or anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from evomerge.arch import ArchMap, arch_for
+from evomerge.errors import EvomergeError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts of one stored tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: str
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check that the file holds all the bytes it announces."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise EvomergeError(f"{path}: not a readable safetensors file ({exc})") from None
+    out: dict[str, TensorInfo] = {}
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = meta["data_offsets"]
+            dtype = _DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise EvomergeError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        end = max(end, stop)
+        out[name] = TensorInfo(name, shape, dtype, path.name)
+    if 8 + n + end > size:
+        raise EvomergeError(f"{path}: truncated ({size} bytes, header promises {8 + n + end})")
+    return out
+
+
+class ModelDir:
+    """A Hugging Face model directory, opened lazily.
+
+    Reads ``config.json`` and the safetensors headers up front; tensors are
+    memory-mapped when asked for. Pickle checkpoints (``*.bin``) can execute
+    code when loaded, so they are refused unless ``allow_pickle`` is set.
+    """
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise EvomergeError(
+                f"{path}: model directory not found (evomerge reads local HF directories; it does not download)"
+            )
+        self.config = self._read_config()
+        self._pickle = False
+        self.infos = self._read_index(allow_pickle)
+        self.arch: ArchMap = arch_for(self.config, list(self.infos))
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _read_config(self) -> dict:
+        file = self.path / "config.json"
+        try:
+            return json.loads(file.read_text())
+        except FileNotFoundError:
+            raise EvomergeError(f"{self.path}: no config.json (not a Hugging Face model directory)") from None
+        except json.JSONDecodeError as exc:
+            raise EvomergeError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    def _read_index(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.exists():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise EvomergeError(f"{index}: invalid safetensors index (no weight_map)") from None
+            infos: dict[str, TensorInfo] = {}
+            for file in sorted(set(weight_map.values())):
+                if not (self.path / file).exists():
+                    raise EvomergeError(f"{self.path / file}: shard named in {SAFETENSORS_INDEX} is missing")
+                infos.update(read_safetensors_header(self.path / file))
+            missing = sorted(set(weight_map) - set(infos))
+            if missing:
+                raise EvomergeError(f"{index}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]}")
+            return {name: infos[name] for name in weight_map}
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            infos = {}
+            for file in files:
+                infos.update(read_safetensors_header(file))
+            return infos
+        pickles = sorted(self.path.glob("*.bin"))
+        if pickles:
+            if not allow_pickle:
+                raise EvomergeError(
+                    f"{self.path}: only pickle checkpoints (*.bin) found; loading them can run arbitrary code. "
+                    "Convert to safetensors, or pass --allow-pickle if you trust the source"
+                )
+            return self._read_pickles(pickles)
+        raise EvomergeError(f"{self.path}: no *.safetensors weights found")
+
+    def _read_pickles(self, files: list[Path]) -> dict[str, TensorInfo]:
+        import torch
+
+        self._pickle = True
+        self._pickled: dict[str, object] = {}
+        infos = {}
+        for file in files:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in state.items():
+                self._pickled[name] = t
+                infos[name] = TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), file.name)
+        return infos
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """All tensor names, in storage order."""
+        return list(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise EvomergeError(f"{self.path}: missing tensor {name!r}") from None
+
+    @property
+    def num_layers(self) -> int:
+        return self.arch.num_layers(self.config)
+
+    def tensor(self, name: str):
+        """Load one tensor (memory-mapped; copy before writing into it)."""
+        info = self.info(name)
+        if self._pickle:
+            return self._pickled[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            with self._lock:
+                handle = self._handles.get(info.file)
+                if handle is None:
+                    handle = safe_open(str(self.path / info.file), framework="pt")
+                    self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise EvomergeError(f"{self.path / info.file}: cannot read tensor {name!r} ({exc})") from None
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r}, {len(self.infos)} tensors, {self.arch.family})"

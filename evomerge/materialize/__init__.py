@@ -1,0 +1,1 @@
+"""Turning recipes into weights: the merge plan, streaming export to disk."""

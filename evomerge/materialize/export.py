@@ -1,0 +1,176 @@
+"""Stream a merge to disk: tensor by tensor, bounded memory, atomic output directory.
+
+Jobs run on a thread pool (torch kernels and positional file writes release the
+GIL); at most a few jobs are in flight, so peak memory is a few tensors times
+the number of models, whatever the model size. The output directory is built
+under a temp name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.fsutil import atomic_dir
+from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
+from evomerge.materialize.plan import MergePlan, TensorJob, open_models, plan_merge
+from evomerge.methods.registry import apply_method
+from evomerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+RECIPE_FILE = "mergekit_config.yml"
+
+
+def job_seed(seed: int, out_name: str) -> int:
+    """Per-tensor seed: random masks do not depend on thread scheduling or job order."""
+    digest = hashlib.sha256(f"{seed}:{out_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def run_job(plan: MergePlan, job: TensorJob, device: str = "cpu", seed: int = 0):
+    """Compute one output tensor (on ``device``), returned on the CPU in the job's dtype."""
+    import torch
+
+    compute = getattr(torch, plan.recipe.dtype) if plan.recipe.dtype else None
+
+    def load(ref: tuple[str, str]):
+        t = plan.models[ref[0]].tensor(ref[1]).to(device)
+        return t.to(compute) if compute is not None else t
+
+    base = load(job.base) if job.base else None
+    tensors = [load(ref) for ref in job.sources]
+    generator = None
+    if plan.method.random:
+        generator = torch.Generator(device=device).manual_seed(job_seed(seed, job.out_name))
+    try:
+        out = apply_method(plan.method.name, base, tensors, job.source_params, job.global_params, generator)
+    except ValueError as exc:
+        raise EvomergeError(f"{job.out_name}: {exc}") from None
+    return out.to(getattr(torch, job.dtype)).cpu()
+
+
+def model_card(plan: MergePlan) -> str:
+    """README.md for the merged model: front matter, the method, the sources, the recipe."""
+    recipe = plan.recipe
+    lines = ["---"]
+    if recipe.base_model:
+        lines.append(f"base_model: {json.dumps(recipe.base_model)}")
+    lines += ["library_name: transformers", "tags:", "- merge", "- evomerge", "- mergekit", "---", ""]
+    lines += ["# Merged model", "", f"Made with [evomerge](https://github.com/) using **{recipe.merge_method}**.", ""]
+    lines += ["## Source models", ""] + [f"- `{m}`" for m in recipe.referenced_models()] + [""]
+    lines += ["## Recipe", "", "Reproduce with `evomerge merge` (or mergekit's `mergekit-yaml`):", "", "```yaml"]
+    lines += [recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _copy_tokenizer(plan: MergePlan, out: Path) -> None:
+    src = plan.recipe.tokenizer_source
+    if src in (None, "base"):
+        source = plan.models[plan.reference].path
+    elif src == "union":
+        files = {m: (d.path / "tokenizer.json") for m, d in plan.models.items()}
+        contents = {f.read_bytes() if f.exists() else b"" for f in files.values()}
+        if len(contents) > 1:
+            raise EvomergeError("tokenizer_source: union of different tokenizers is not supported; name one model")
+        source = plan.models[plan.reference].path
+    elif src in plan.models:
+        source = plan.models[src].path
+    elif Path(src).is_dir():
+        source = Path(src)
+    else:
+        raise EvomergeError(f"tokenizer_source {src!r}: not 'base', 'union' or a model directory")
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, out / name)
+
+
+def merge_to_dir(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    threads: int = 2,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    max_shard_size: str | int = "5GB",
+    recipe_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Merge ``recipe`` into an HF model directory at ``out_dir``.
+
+    Everything is validated before writing. ``out_dir`` is replaced only with
+    ``force`` and only once the new model is complete. ``seed`` (or the recipe's
+    ``random_seed``, else 0) drives DARE/DELLA masks per tensor. ``progress`` is
+    called with (tensors done, total).
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError("--device cuda: no CUDA device is available")
+    models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
+    plan = plan_merge(recipe, models)
+    seed = seed if seed is not None else (recipe.random_seed or 0)
+    slots = [TensorSlot(j.out_name, j.shape, j.dtype) for j in plan.jobs]
+    max_bytes = parse_size(max_shard_size)
+    old_threads = torch.get_num_threads()
+    with atomic_dir(out_dir.resolve(), replace=force) as tmp:
+        writer = StreamingShardWriter(tmp, slots, max_bytes)
+        # Parallelism comes from the job pool; one intra-op thread per job avoids oversubscription.
+        torch.set_num_threads(1)
+        try:
+            _run_all(plan, writer, device, seed, max(1, threads), progress)
+            writer.close({"merged_by": "evomerge"})
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            torch.set_num_threads(old_threads)
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+        _copy_tokenizer(plan, tmp)
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        (tmp / "README.md").write_text(model_card(plan))
+    return out_dir
+
+
+def _run_all(plan: MergePlan, writer: StreamingShardWriter, device: str, seed: int, threads: int,
+             progress: Callable[[int, int], None] | None) -> None:
+    total = len(plan.jobs)
+    done = 0
+    window = 2 * threads  # bounded in-flight jobs -> bounded memory
+
+    def work(job: TensorJob) -> None:
+        writer.write(job.out_name, run_job(plan, job, device, seed))
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+        pending: set[Future] = set()
+        jobs = iter(plan.jobs)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < window:
+                job = next(jobs, None)
+                if job is None:
+                    exhausted = True
+                    break
+                pending.add(pool.submit(work, job))
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()
+                done += 1
+                if progress is not None:
+                    progress(done, total)

@@ -1,0 +1,188 @@
+"""Plan a merge: resolve a Recipe against the models' headers into per-tensor jobs.
+
+Planning reads only config.json files and safetensors headers, and performs
+every check (missing tensors, shape mismatches, layer ranges, parameters and
+their ranges) before any weight is read or any file is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.io.model_dir import ModelDir
+from evomerge.methods.registry import REQUIRED, MergeMethod, check_params, get_method
+from evomerge.recipe import NO_MATCH, OutputSlice, Recipe, SliceSource, lookup
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How to produce one output tensor."""
+
+    out_name: str
+    base: tuple[str, str] | None  # (model, tensor name)
+    sources: tuple[tuple[str, str], ...]
+    source_params: tuple[dict[str, Any], ...]
+    global_params: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: str  # output dtype
+
+
+@dataclass
+class MergePlan:
+    """Everything export needs: the jobs, the open models, the output config."""
+
+    recipe: Recipe
+    method: MergeMethod
+    models: dict[str, ModelDir]
+    jobs: list[TensorJob]
+    config: dict
+    reference: str  # model whose config/tokenizer the output starts from
+    num_layers: int
+    extra: dict = field(default_factory=dict)
+
+
+def open_models(recipe: Recipe, *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict[str, ModelDir]:
+    """Open every model the recipe names (relative paths resolve against ``base_dir``)."""
+    out = {}
+    for name in recipe.referenced_models():
+        path = Path(name).expanduser()
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        out[name] = ModelDir(path, allow_pickle=allow_pickle)
+    return out
+
+
+def _slices(recipe: Recipe, models: dict[str, ModelDir], method: MergeMethod) -> list[OutputSlice]:
+    """The recipe as slices: ``models:`` becomes one slice over every model's layers."""
+    if recipe.slices is not None:
+        return recipe.slices
+    sources = [
+        SliceSource(model=m.model, parameters=m.parameters, layer_range=(0, models[m.model].num_layers))
+        for m in recipe.models
+    ]
+    if recipe.base_model and method.base != "none" and recipe.base_model not in [s.model for s in sources]:
+        base = models[recipe.base_model]
+        sources.append(SliceSource(model=recipe.base_model, layer_range=(0, base.num_layers)))
+    try:
+        return [OutputSlice(sources=sources)]
+    except ValueError as exc:
+        raise EvomergeError(f"models have different layer counts: {exc}") from None
+
+
+def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "recipe") -> MergePlan:
+    """Resolve ``recipe`` into tensor jobs, validating everything up front."""
+    method = get_method(recipe.merge_method)
+    used = set(recipe.parameters)
+    for sl in recipe.slices or []:
+        used |= set(sl.parameters)
+        for s in sl.sources:
+            used |= set(s.parameters)
+    for m in recipe.models or []:
+        used |= set(m.parameters)
+    check_params(method, sorted(used), where)
+    if method.base == "required" and not recipe.base_model:
+        raise EvomergeError(f"{where}: {method.name} needs a base_model")
+
+    slices = _slices(recipe, models, method)
+    reference = recipe.base_model or slices[0].sources[0].model
+    ref = models[reference]
+    arch = ref.arch
+    jobs: list[TensorJob] = []
+    global_names = [n for n in ref.names if arch.layer_of(n) is None]
+    pre = [n for n in global_names if arch.is_pre(n)]
+    post = [n for n in global_names if not arch.is_pre(n)]
+
+    def add(out_name: str, sl: OutputSlice, names: list[str], t: float, label: str) -> None:
+        jobs.append(_job(recipe, method, models, out_name, sl, names, t, label, where))
+
+    for name in pre:
+        add(name, slices[0], [name] * len(slices[0].sources), 0.0, "slices[0]")
+    offset = 0
+    for si, sl in enumerate(slices):
+        for s in sl.sources:
+            n_layers = models[s.model].num_layers
+            if s.layer_range[1] > n_layers:
+                raise EvomergeError(
+                    f"{where}: slices[{si}]: layer_range {list(s.layer_range)} of {s.model} exceeds its {n_layers} layers"
+                )
+        first = sl.sources[0]
+        first_arch = models[first.model].arch
+        for j in range(sl.length):
+            t = j / (sl.length - 1) if sl.length > 1 else 1.0
+            layer_in = first.layer_range[0] + j
+            suffixes = [
+                parts[1]
+                for parts in map(first_arch.split, models[first.model].names)
+                if parts is not None and parts[0] == layer_in
+            ]
+            for suffix in suffixes:
+                names = [models[s.model].arch.layer_name(s.layer_range[0] + j, suffix) for s in sl.sources]
+                add(arch.layer_name(offset + j, suffix), sl, names, t, f"slices[{si}]")
+        offset += sl.length
+    for name in post:
+        add(name, slices[-1], [name] * len(slices[-1].sources), 0.0, f"slices[{len(slices) - 1}]")
+
+    config = dict(ref.config)
+    if recipe.slices is not None:
+        config = arch.with_num_layers(config, offset)
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if out_dtype:
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype
+    return MergePlan(recipe, method, models, jobs, config, reference, offset)
+
+
+def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_name: str, sl: OutputSlice,
+         names: list[str], t: float, label: str, where: str) -> TensorJob:
+    base_ref = None
+    sources: list[tuple[str, str]] = []
+    params: list[dict[str, Any]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for s, name in zip(sl.sources, names):
+        info = models[s.model].infos.get(name)
+        if info is None:
+            raise EvomergeError(f"{where}: {label}: tensor {name!r} is missing from {s.model}")
+        shapes[f"{s.model}:{name}"] = info.shape
+        if method.base != "none" and s.model == recipe.base_model:
+            base_ref = (s.model, name)
+            continue
+        resolved = {}
+        for key, default in method.source_params.items():
+            value = lookup(key, name, t, s.parameters, sl.parameters, recipe.parameters)
+            if value is NO_MATCH:
+                if default is REQUIRED:
+                    raise EvomergeError(f"{where}: {label}: parameter {key!r} is required for model {s.model}")
+                value = default
+            resolved[key] = value
+        if "density" in resolved and not 0 < float(resolved["density"]) <= 1:
+            raise EvomergeError(f"{where}: {label}: density {resolved['density']} for {s.model} at {name} is outside (0, 1]")
+        sources.append((s.model, name))
+        params.append(resolved)
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        raise EvomergeError(f"{where}: shape mismatch for {out_name}: {listing}")
+    if method.base == "required" and base_ref is None:
+        raise EvomergeError(f"{where}: {label}: base_model {recipe.base_model} is not among its sources")
+    if len(sources) < method.min_sources or (method.max_sources is not None and len(sources) > method.max_sources):
+        want = f"{method.min_sources}" + (f"..{method.max_sources}" if method.max_sources != method.min_sources else "")
+        raise EvomergeError(f"{where}: {label}: {method.name} takes {want} model(s) besides the base, got {len(sources)}")
+    global_params = {}
+    for key, default in method.global_params.items():
+        value = lookup(key, out_name, t, sl.parameters, recipe.parameters)
+        if value is NO_MATCH:
+            if default is REQUIRED:
+                raise EvomergeError(f"{where}: parameter {key!r} is required by {method.name}")
+            value = default
+        global_params[key] = value
+    ref_dtype = models[(base_ref or sources[0])[0]].info((base_ref or sources[0])[1]).dtype
+    return TensorJob(
+        out_name=out_name,
+        base=base_ref,
+        sources=tuple(sources),
+        source_params=tuple(params),
+        global_params=global_params,
+        shape=next(iter(shapes.values())),
+        dtype=recipe.out_dtype or recipe.dtype or ref_dtype,
+    )

@@ -1,0 +1,113 @@
+"""The task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+All eight are one kernel with mergekit's semantics: task vectors
+``delta_i = theta_i - theta_base`` are sparsified (TIES magnitude, DARE random
+drop, breadcrumbs, DELLA), weighted, optionally reduced by sign consensus
+(TIES: per entry, the sign of the weighted sum wins, an exact-zero sum counts as
+positive, zero entries never agree), summed, optionally normalized by the summed
+weights of the contributing entries, scaled by ``lambda`` and added to the base.
+Computation is float32; the result has the base's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+
+from evomerge.methods import sparsify
+from evomerge.methods.registry import REQUIRED, MergeMethod, register
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    gamma: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    rescale_method: str = "l1",
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    sparsifier: str | None = None,
+    consensus: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Merge ``tensors`` onto ``base`` through their task vectors (see module doc).
+
+    ``rescale_method`` picks how DARE/DELLA restore the dropped mass: ``"l1"``
+    (default, mergekit: restore the delta's L1 norm) or ``"inverse_density"``
+    (the DARE paper: divide by the keep probability). ``int8_mask`` is accepted
+    for mergekit configs; masks here are boolean either way.
+    """
+    if not tensors:
+        return base
+    base32 = base.float()
+    deltas = []
+    for i, t in enumerate(tensors):
+        delta = t.float() - base32
+        d = density[i] if density is not None else 1.0
+        if sparsifier == "magnitude":
+            delta = sparsify.magnitude(delta, d, rescale=rescale, how=rescale_method)
+        elif sparsifier == "random":
+            delta = sparsify.random_drop(delta, d, rescale=rescale, how=rescale_method, generator=generator)
+        elif sparsifier == "magnitude_outliers":
+            delta = sparsify.magnitude_outliers(delta, d, gamma[i], rescale=rescale, how=rescale_method)
+        elif sparsifier == "della":
+            delta = sparsify.della_magprune(delta, d, epsilon[i], rescale=rescale, how=rescale_method, generator=generator)
+        deltas.append(delta)
+    stacked = torch.stack(deltas)
+    w = torch.tensor(list(weight), dtype=torch.float32, device=stacked.device).view(-1, *([1] * base.dim()))
+    weighted = stacked * w
+    if consensus:
+        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.sign(weighted) == majority
+        mixed = (weighted * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(0)
+        total = float(w.sum())
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return (base32 + mixed).to(base.dtype)
+
+
+_VARIANTS = {
+    # name: (sparsifier, consensus, normalize default, rescale default, description)
+    "task_arithmetic": (None, False, False, False, "base + lambda * sum_i w_i * delta_i"),
+    "ties": ("magnitude", True, True, False, "TIES: magnitude trim, sign election, disjoint mean"),
+    "dare_ties": ("random", True, False, True, "DARE random drop + rescale, then TIES sign election"),
+    "dare_linear": ("random", False, False, True, "DARE random drop + rescale, weighted sum"),
+    "breadcrumbs": ("magnitude_outliers", False, False, False, "Model Breadcrumbs: drop outliers and small entries"),
+    "breadcrumbs_ties": ("magnitude_outliers", True, False, False, "Breadcrumbs trim with TIES sign election"),
+    "della": ("della", True, True, True, "DELLA magnitude-ranked drop + rescale, TIES sign election"),
+    "della_linear": ("della", False, False, True, "DELLA magnitude-ranked drop + rescale, weighted sum"),
+}
+
+for _name, (_sparsifier, _consensus, _normalize, _rescale, _doc) in _VARIANTS.items():
+    _source = {"weight": REQUIRED}
+    if _sparsifier is not None:
+        _source["density"] = 1.0
+    if _sparsifier == "magnitude_outliers":
+        _source["gamma"] = 0.01
+    if _sparsifier == "della":
+        _source["epsilon"] = 0.15
+    _global = {"normalize": _normalize, "rescale": _rescale, "rescale_method": "l1", "lambda": 1.0, "int8_mask": False}
+    register(
+        MergeMethod(
+            name=_name,
+            kernel=partial(generalized_task_arithmetic, sparsifier=_sparsifier, consensus=_consensus),
+            source_params=_source,
+            global_params=_global,
+            random=_sparsifier in ("random", "della"),
+            description=_doc,
+        )
+    )

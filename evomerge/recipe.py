@@ -1,0 +1,282 @@
+"""Recipe: a validated model of mergekit's merge YAML, the engine's one currency.
+
+The same object is read by `evomerge merge`, produced by a genome, stored in the
+run journal, materialized in place during search and exported to disk. A
+mergekit config loads unchanged; ``to_yaml`` writes one mergekit reads back.
+
+Parameter values follow mergekit: a scalar; a *gradient* list of numbers
+interpolated over the layers of an output slice; or a list of
+``{filter, value}`` entries where ``filter`` is a substring of the tensor name,
+the first match wins and an entry without filter is the fallback. Lookup order
+is source (or ``models[].parameters``) > slice > global.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import EvomergeError
+
+DTYPES = ("float32", "float16", "bfloat16")
+NO_MATCH = object()
+
+
+def _check_value(value: Any, where: str = "") -> Any:
+    """Validate one parameter value: scalar, gradient list, or filter list."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return value
+        if all(isinstance(v, dict) for v in value):
+            for entry in value:
+                extra = set(entry) - {"filter", "value"}
+                if extra or "value" not in entry:
+                    raise ValueError(f"filter entries need keys 'filter' (optional) and 'value', got {sorted(entry)}")
+                if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                    raise ValueError("'filter' must be a string (a substring of tensor names)")
+                _check_value(entry["value"])
+            return value
+    raise ValueError(
+        "a parameter value must be a number, bool, string, a list of numbers (gradient) "
+        f"or a list of {{filter, value}} entries; got {value!r}"
+    )
+
+
+Params = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputModel(_Strict):
+    """One entry of ``models:``."""
+
+    model: str
+    parameters: Params = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _values(cls, v: Params) -> Params:
+        return {k: _check_value(x) for k, x in v.items()}
+
+
+class SliceSource(InputModel):
+    """One source of an output slice: layers ``[start, end)`` of ``model``."""
+
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    """One output slice; all its sources span the same number of layers."""
+
+    sources: list[SliceSource]
+    parameters: Params = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _values(cls, v: Params) -> Params:
+        return {k: _check_value(x) for k, x in v.items()}
+
+    @model_validator(mode="after")
+    def _equal_lengths(self) -> OutputSlice:
+        if not self.sources:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.model: s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"slice sources span different numbers of layers: {lengths}")
+        return self
+
+    @property
+    def length(self) -> int:
+        r = self.sources[0].layer_range
+        return r[1] - r[0]
+
+
+class Recipe(_Strict):
+    """A mergekit merge configuration."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Params = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    #: evomerge extension: seed for DARE/DELLA (mergekit takes --random-seed on the command line).
+    random_seed: int | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _values(cls, v: Params) -> Params:
+        return {k: _check_value(x) for k, x in v.items()}
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> Recipe:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
+        return self
+
+    # -- YAML ----------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<recipe>") -> Recipe:
+        """Parse and validate mergekit YAML; errors name the line and key at fault."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise EvomergeError(f"{source}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{source}: expected a mapping of merge settings at the top level")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise EvomergeError(_explain(exc, text, source)) from None
+
+    @classmethod
+    def from_file(cls, path) -> Recipe:
+        """Read a recipe YAML file."""
+        from pathlib import Path
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
+        return cls.from_yaml(text, str(path))
+
+    def to_dict(self) -> dict:
+        """Plain data in mergekit's layout (unset optional keys omitted)."""
+        return self.model_dump(exclude_none=True, exclude_defaults=False, mode="json")
+
+    def to_yaml(self) -> str:
+        """mergekit YAML for this recipe."""
+        data = self.to_dict()
+        for key in ("parameters",):
+            if not data.get(key):
+                data.pop(key, None)
+        for group in data.get("models", []) + [s for sl in data.get("slices", []) for s in sl["sources"]]:
+            if not group.get("parameters"):
+                group.pop("parameters", None)
+        for sl in data.get("slices", []):
+            if not sl.get("parameters"):
+                sl.pop("parameters", None)
+        return yaml.safe_dump(data, sort_keys=False)
+
+    # -- structure -----------------------------------------------------------
+    def referenced_models(self) -> list[str]:
+        """Every model path the recipe names, base first, without duplicates."""
+        seen: list[str] = []
+        for name in [self.base_model] + [m.model for m in self.models or []] + [
+            s.model for sl in self.slices or [] for s in sl.sources
+        ]:
+            if name is not None and name not in seen:
+                seen.append(name)
+        return seen
+
+
+def _explain(exc: ValidationError, text: str, source: str) -> str:
+    """One line per problem: ``file: line N: key.path: message``."""
+    lines = []
+    for err in exc.errors()[:5]:
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple[")))]
+        line = _line_of(text, loc)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key; valid keys here: {', '.join(_valid_keys(loc))}"
+        lines.append(f"{source}:{f' line {line}:' if line else ''} {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _valid_keys(loc: list) -> list[str]:
+    depth = [p for p in loc[:-1] if isinstance(p, str)]
+    model = {(): Recipe, ("models",): InputModel, ("slices",): OutputSlice, ("slices", "sources"): SliceSource}
+    cls = model.get(tuple(depth), Recipe)
+    return list(cls.model_fields)
+
+
+def _line_of(text: str, loc: list) -> int | None:
+    """1-based line of the YAML node at ``loc`` (as deep as it exists)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == key), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+# -- parameter lookup ---------------------------------------------------------
+def interpolate(values: list[float], t: float) -> float:
+    """mergekit's gradient: anchors evenly spaced over t in [0, 1], linear in between."""
+    if len(values) == 1:
+        return float(values[0])
+    s = t * (len(values) - 1)
+    i = min(int(math.floor(s)), len(values) - 1)
+    frac = s - i
+    j = min(i + 1, len(values) - 1)
+    return float((1 - frac) * values[i] + frac * values[j])
+
+
+def evaluate(value: Any, tensor_name: str, t: float) -> Any:
+    """Concrete value of one parameter setting for ``tensor_name`` at position ``t``.
+
+    Returns ``NO_MATCH`` when ``value`` is a filter list none of whose entries
+    applies, so the lookup falls through to the next level.
+    """
+    if isinstance(value, list):
+        if value and isinstance(value[0], dict):
+            for entry in value:
+                flt = entry.get("filter")
+                if flt is None or flt in tensor_name:
+                    return evaluate(entry["value"], tensor_name, t)
+            return NO_MATCH
+        return interpolate(value, t)
+    return value
+
+
+def lookup(name: str, tensor_name: str, t: float, *levels: Params) -> Any:
+    """First concrete value of parameter ``name`` across ``levels`` (highest precedence first)."""
+    for level in levels:
+        if name in level:
+            value = evaluate(level[name], tensor_name, t)
+            if value is not NO_MATCH:
+                return value
+    return NO_MATCH
