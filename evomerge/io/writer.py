@@ -77,6 +77,7 @@ class StreamingShardWriter:
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
         ]
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
+        self.weight_map: dict[str, str] = {}  # name -> shard file
         self._fds: list[int] = []
         self._pending = {s.name for s in slots}
         self._lock = threading.Lock()
@@ -104,11 +105,14 @@ class StreamingShardWriter:
         for slot in group:
             begin = header[slot.name]["data_offsets"][0]
             self._where[slot.name] = (fd, start + begin, slot.nbytes)
+            self.weight_map[slot.name] = path.name
 
     def write(self, name: str, tensor) -> None:
         """Write ``tensor`` (already in its slot's dtype and shape) to its place."""
         fd, offset, nbytes = self._where[name]
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(__import__("torch").uint8).numpy()
+        import torch
+
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != nbytes:
             raise EvomergeError(f"tensor {name!r}: {data.nbytes} bytes, slot expects {nbytes}")
         view = memoryview(data)
@@ -128,15 +132,7 @@ class StreamingShardWriter:
             os.close(fd)
         self._fds = []
         if len(self.files) > 1:
-            weight_map = {}
-            for name, (fd_, _, _) in self._where.items():
-                weight_map[name] = None
-            # map each tensor to its file by the order the shards were opened
-            index_of_fd: dict[int, str] = {}
-            for name, (fd, _, _) in self._where.items():
-                index_of_fd.setdefault(fd, self.files[len(index_of_fd)])
-                weight_map[name] = index_of_fd[fd]
-            index = {"metadata": {"total_size": self.total_bytes, **(metadata or {})}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": self.total_bytes, **(metadata or {})}, "weight_map": self.weight_map}
             (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
         return self.files
 

@@ -108,14 +108,16 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
                 raise EvomergeError(
                     f"{where}: slices[{si}]: layer_range {list(s.layer_range)} of {s.model} exceeds its {n_layers} layers"
                 )
-        first = sl.sources[0]
-        first_arch = models[first.model].arch
+        # The base (else the first source) says which tensors a layer has, so a
+        # source lacking one is reported instead of the tensor being dropped.
+        lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
+        lead_arch = models[lead.model].arch
         for j in range(sl.length):
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
-            layer_in = first.layer_range[0] + j
+            layer_in = lead.layer_range[0] + j
             suffixes = [
                 parts[1]
-                for parts in map(first_arch.split, models[first.model].names)
+                for parts in map(lead_arch.split, models[lead.model].names)
                 if parts is not None and parts[0] == layer_in
             ]
             for suffix in suffixes:

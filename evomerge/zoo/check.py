@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 
 #: The merges `zoo check` scores besides the source models: (label, method, per-model params, global params).
 DEFAULT_MERGES: tuple[tuple[str, str, dict, dict], ...] = (
-    ("task_arithmetic(lambda=0.3)", "task_arithmetic", {}, {"lambda": 0.3}),
-    ("task_arithmetic(lambda=0.5)", "task_arithmetic", {}, {"lambda": 0.5}),
-    ("task_arithmetic(lambda=1.0)", "task_arithmetic", {}, {"lambda": 1.0}),
-    ("ties(density=0.5, lambda=0.5)", "ties", {"density": 0.5}, {"lambda": 0.5}),
+    ("task_arithmetic(lambda=0.3)", "task_arithmetic", {"weight": 1.0}, {"lambda": 0.3}),
+    ("task_arithmetic(lambda=0.5)", "task_arithmetic", {"weight": 1.0}, {"lambda": 0.5}),
+    ("task_arithmetic(lambda=1.0)", "task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
+    ("ties(density=0.5, lambda=0.5)", "ties", {"weight": 1.0, "density": 0.5}, {"lambda": 0.5}),
 )
 
 

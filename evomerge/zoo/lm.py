@@ -96,7 +96,8 @@ def _merged_state(base_sd, ft_sds, lam: float):
             "task_arithmetic",
             base_sd[k],
             [sd[k] for sd in ft_sds],
-            global_params={"lambda": lam},
+            [{"weight": 1.0}] * len(ft_sds),
+            {"lambda": lam},
         )
         for k in base_sd
     }

@@ -1,0 +1,246 @@
+"""`evomerge merge` end to end on the tiny zoo: equality with the kernels, layouts, bad input."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.arch import arch_for
+from evomerge.errors import EvomergeError
+from evomerge.io.model_dir import ModelDir
+from evomerge.materialize.export import merge_to_dir
+from evomerge.methods.registry import apply_method
+from evomerge.recipe import Recipe
+
+
+def state(path):
+    index = path / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else ["model.safetensors"]
+    out = {}
+    for f in files:
+        out.update(load_file(str(path / f)))
+    return out
+
+
+def recipe(data):
+    return Recipe.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_zoo):
+    m = tiny_zoo.models
+    return {name: str(p) for name, p in m.items()}
+
+
+@pytest.mark.parametrize(
+    "method,params,global_params",
+    [
+        ("ties", {"weight": 0.8, "density": 0.4}, {"lambda": 0.7}),
+        ("task_arithmetic", {"weight": 0.5}, {}),
+        ("dare_ties", {"weight": 1.0, "density": 0.5}, {}),
+        ("breadcrumbs", {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {}),
+        ("della_linear", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+        ("model_stock", {}, {}),
+    ],
+)
+def test_merge_equals_kernel_on_every_tensor(zoo, tiny_zoo, tmp_path, method, params, global_params):
+    fts = tiny_zoo.finetune_tasks
+    r = recipe({"merge_method": method, "base_model": zoo["base"], "parameters": global_params,
+                "models": [{"model": zoo[f], "parameters": params} for f in fts]})
+    out = merge_to_dir(r, tmp_path / "m", threads=2, seed=5)
+    merged = state(out)
+    base = state(tiny_zoo.models["base"])
+    srcs = [state(tiny_zoo.models[f]) for f in fts]
+    assert merged.keys() == base.keys()
+    from evomerge.materialize.export import job_seed
+
+    for k in base:
+        gen = torch.Generator().manual_seed(job_seed(5, k))
+        ref = apply_method(method, base[k], [s[k] for s in srcs], [params] * len(fts), global_params, gen)
+        assert torch.equal(merged[k], ref), k
+    again = merge_to_dir(r, tmp_path / "m2", threads=1, seed=5)
+    assert all(torch.equal(merged[k], v) for k, v in state(again).items())
+
+
+def test_merged_model_loads_and_generates(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"], "parameters": {"lambda": 0.3},
+                "models": [{"model": zoo[f], "parameters": {"weight": 1.0}} for f in ("copy", "rev", "sort")],
+                "out_dtype": "bfloat16"})
+    out = merge_to_dir(r, tmp_path / "m", max_shard_size="60KB")
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "task_arithmetic" in card and zoo["rev"] in card
+    assert Recipe.from_yaml((out / "mergekit_config.yml").read_text()) == r
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok("rev:ab=", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_frankenmerge_renumbers_layers_and_sets_count(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": zoo["base"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": zoo["rev"], "layer_range": [1, 2]}]},
+        {"sources": [{"model": zoo["sort"], "layer_range": [0, 1], "parameters": {"scale": 0.5}}]},
+    ]})
+    out = merge_to_dir(r, tmp_path / "f")
+    merged, base = state(out), state(ModelDir(zoo["base"]).path)
+    rev, sort = state(ModelDir(zoo["rev"]).path), state(ModelDir(zoo["sort"]).path)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    name = "model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(merged[name.format(1)], base[name.format(1)])
+    assert torch.equal(merged[name.format(2)], rev[name.format(1)])
+    assert torch.equal(merged[name.format(3)], sort[name.format(0)] * 0.5)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # post-layer tensors come from the last slice, with its parameters (as in mergekit)
+    assert torch.equal(merged["lm_head.weight"], sort["lm_head.weight"] * 0.5)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert len(model.model.layers) == 4
+    model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+
+
+def test_gradient_and_filter_parameters_per_layer(zoo, tmp_path):
+    # weight goes 0 -> 1 over the 2 layers; self_attn tensors are pinned to 0
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                "models": [{"model": zoo["rev"], "parameters": {
+                    "weight": [{"filter": "self_attn", "value": 0.0}, {"value": [0.0, 1.0]}]}}]})
+    merged, base, rev = state(merge_to_dir(r, tmp_path / "g")), state(ModelDir(zoo["base"]).path), state(ModelDir(zoo["rev"]).path)
+    mlp, attn = "model.layers.{}.mlp.down_proj.weight", "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(merged[mlp.format(0)], base[mlp.format(0)])
+    torch.testing.assert_close(merged[mlp.format(1)], rev[mlp.format(1)])  # base + (rev - base)
+    assert torch.equal(merged[attn.format(1)], base[attn.format(1)])
+    assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"])  # global tensors take t = 0
+
+
+def test_cli_merge_refuses_overwrite_and_forces(zoo, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": zoo["rev"], "parameters": {"weight": 1.0}}, {"model": zoo["sort"], "parameters": {"weight": 1.0}}]}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "evomerge.cli", "merge", str(cfg), str(out)]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    (out / "marker").write_text("keep")
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 2 and "already exists" in second.stderr and (out / "marker").exists()
+    assert subprocess.run(cmd + ["--force"], capture_output=True).returncode == 0
+    assert not (out / "marker").exists() and (out / "model.safetensors").exists()
+
+
+# -- bad input -----------------------------------------------------------------
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_shape_mismatch_names_tensor_and_shapes(zoo, tmp_path):
+    bad = _copy_model(zoo["rev"], tmp_path / "bad")
+    for shard in bad.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = torch.ones(7)
+            save_file(tensors, str(shard), {"format": "pt"})
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                "models": [{"model": str(bad), "parameters": {"weight": 1.0}}]})
+    out = tmp_path / "out"
+    with pytest.raises(EvomergeError, match=r"shape mismatch for model.norm.weight: ") as err:
+        merge_to_dir(r, out)
+    assert f"{bad}:model.norm.weight [7]" in str(err.value) and "base:model.norm.weight [64]" in str(err.value)
+    assert not out.exists()
+
+
+def test_truncated_shard_names_the_file(zoo, tmp_path):
+    bad = _copy_model(zoo["rev"], tmp_path / "bad")
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(EvomergeError, match=f"{shard.name}: truncated"):
+        ModelDir(bad)
+    shard.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(EvomergeError, match=f"{shard.name}: not a readable safetensors file"):
+        ModelDir(bad)
+
+
+def test_missing_tensor_and_missing_model(zoo, tmp_path):
+    bad = _copy_model(zoo["rev"], tmp_path / "bad")
+    index = bad / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    victim = "model.layers.1.mlp.up_proj.weight"
+    shard = bad / data["weight_map"].pop(victim)
+    index.write_text(json.dumps(data))
+    tensors = load_file(str(shard))
+    del tensors[victim]
+    save_file(tensors, str(shard), {"format": "pt"})
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                "models": [{"model": str(bad), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match=f"tensor '{victim}' is missing from {bad}"):
+        merge_to_dir(r, tmp_path / "out")
+    r = recipe({"merge_method": "linear", "models": [{"model": "org/not-here", "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match="org/not-here: model directory not found .*does not download"):
+        merge_to_dir(r, tmp_path / "out")
+
+
+def test_pickle_checkpoints_need_opt_in(zoo, tmp_path):
+    src = ModelDir(zoo["base"])
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    shutil.copy(src.path / "config.json", pk / "config.json")
+    torch.save({n: src.tensor(n).clone() for n in src.names}, pk / "pytorch_model.bin")
+    with pytest.raises(EvomergeError, match="pickle checkpoints .*--allow-pickle"):
+        ModelDir(pk)
+    opened = ModelDir(pk, allow_pickle=True)
+    assert torch.equal(opened.tensor("lm_head.weight"), src.tensor("lm_head.weight"))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"merge_method": "tiez"}, "unknown merge_method 'tiez'"),
+        ({"parameters": {"densty": 0.5}}, "ties has no parameter 'densty'; valid: density"),
+        ({"parameters": {"density": 1.5}}, "density 1.5 .* outside \\(0, 1\\]"),
+        ({"base_model": None}, "ties needs a base_model"),
+    ],
+)
+def test_bad_parameters_fail_before_writing(zoo, tmp_path, change, match):
+    data = {"merge_method": "ties", "base_model": zoo["base"],
+            "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}}]}
+    data.update(change)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious").write_text("x")
+    with pytest.raises(EvomergeError, match=match):
+        merge_to_dir(recipe(data), out, force=True)
+    assert (out / "precious").read_text() == "x"
+
+
+def test_layer_range_beyond_the_model(zoo, tmp_path):
+    r = recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": zoo["base"], "layer_range": [0, 5]}]}]})
+    with pytest.raises(EvomergeError, match=r"layer_range \[0, 5\] .* exceeds its 2 layers"):
+        merge_to_dir(r, tmp_path / "out")
+
+
+def test_arch_maps_for_gpt2_and_inferred_families():
+    gpt2 = arch_for({"model_type": "gpt2", "n_layer": 12})
+    assert gpt2.layer_of("transformer.h.11.attn.c_attn.weight") == 11
+    assert gpt2.layer_of("transformer.wte.weight") is None and gpt2.is_pre("transformer.wte.weight")
+    assert gpt2.layer_name(3, "mlp.c_fc.weight") == "transformer.h.3.mlp.c_fc.weight"
+    assert gpt2.with_num_layers({"n_layer": 12}, 20)["n_layer"] == 20
+    qwen = arch_for({"model_type": "qwen2", "num_hidden_layers": 2, "layer_types": ["full", "sliding"]})
+    assert qwen.with_num_layers({"num_hidden_layers": 2, "layer_types": ["full", "sliding"]}, 3)["layer_types"] == ["full", "sliding", "full"]
+    guessed = arch_for({"model_type": "newthing", "num_layers": 4}, ["backbone.blocks.0.w", "head.w"])
+    assert guessed.layer_of("backbone.blocks.3.w") == 3 and guessed.num_layers({"num_layers": 4}) == 4
+    with pytest.raises(EvomergeError, match="cannot tell which tensors are per-layer"):
+        arch_for({"model_type": "newthing"}, ["a.w", "b.w"])
