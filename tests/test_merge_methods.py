@@ -83,7 +83,7 @@ def test_ties_sign_election_by_hand():
 
 def test_magnitude_keeps_exactly_k():
     delta = torch.tensor([1.0, -1.0, 1.0, 0.5, -3.0, 0.0])
-    kept = magnitude(delta, 0.5)
+    kept = magnitude(delta.clone(), 0.5)  # sparsifiers work in place on a delta they own
     assert int((kept != 0).sum()) == 3 and kept[4] == -3.0
     assert torch.equal(magnitude(delta, 1.0), delta)
 
@@ -91,7 +91,7 @@ def test_magnitude_keeps_exactly_k():
 def test_dare_expectation_equals_input_with_inverse_density():
     delta = rand(200, 200, seed=8)
     gen = torch.Generator().manual_seed(0)
-    mean = torch.stack([random_drop(delta, 0.3, how="inverse_density", generator=gen) for _ in range(200)]).mean(0)
+    mean = torch.stack([random_drop(delta.clone(), 0.3, how="inverse_density", generator=gen) for _ in range(200)]).mean(0)
     # each entry averages 200 draws: E = delta, sd = |delta| * sqrt(0.7/0.3/200) ~ 0.11 |delta|
     assert float((mean - delta).abs().mean()) < 0.1 * float(delta.abs().mean())
     assert abs(float(mean.sum() - delta.sum())) < 0.02 * float(delta.abs().sum())
@@ -99,7 +99,7 @@ def test_dare_expectation_equals_input_with_inverse_density():
 
 def test_dare_l1_rescale_restores_norm_and_keeps_density():
     delta = rand(300, 100, seed=9)
-    out = random_drop(delta, 0.2, generator=torch.Generator().manual_seed(1))
+    out = random_drop(delta.clone(), 0.2, generator=torch.Generator().manual_seed(1))
     assert float(out.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-5)
     assert float((out != 0).float().mean()) == pytest.approx(0.2, abs=0.01)
 
@@ -120,6 +120,32 @@ def test_dare_linear_matches_reference_given_the_masks():
     expected = base + 0.5 * (a - base) * kept / 0.5
     torch.testing.assert_close(out, expected)
     assert 0.4 < float(kept.float().mean()) < 0.6
+
+
+def _kept(mag, k):
+    from evomerge.methods.sparsify import RankCut, chunks
+
+    out = mag.reshape(-1).clone()
+    cut = RankCut(out, k)
+    for sl in chunks(out.numel()):
+        cut.apply_(out[sl])
+    return out
+
+
+def test_rank_cut_is_exact_with_ties_and_across_chunks():
+    mag = torch.tensor([0.5, 2.0, 2.0, 2.0, 1.0, 0.1, 3.0])
+    assert _kept(mag, 3).tolist() == [0.0, 2.0, 2.0, 0.0, 0.0, 0.0, 3.0]
+    # 600k entries span three chunks; values repeat (as bf16-derived deltas do)
+    big = (rand(600_000, seed=3).abs() * 64).round() / 64 + 1e-3
+    for k in (1, 1000, 123_457, 599_999):
+        kept = _kept(big, k)
+        assert int((kept != 0).sum()) == k
+        cut = float(torch.kthvalue(big, big.numel() - k + 1).values)
+        assert float(kept[kept != 0].min()) == cut
+        # ties at the cut are kept lowest index first
+        tied = torch.nonzero(big == cut).squeeze(1)
+        kept_tied = torch.nonzero(kept == cut).squeeze(1)
+        assert torch.equal(kept_tied, tied[: kept_tied.numel()])
 
 
 def test_breadcrumbs_keeps_the_band_below_the_outliers():

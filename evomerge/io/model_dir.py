@@ -8,6 +8,7 @@ before a single weight is read or anything is written.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     file: str
+    offset: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -62,7 +65,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise EvomergeError(f"{path}: corrupt header entry for tensor {name!r}") from None
         end = max(end, stop)
-        out[name] = TensorInfo(name, shape, dtype, path.name)
+        out[name] = TensorInfo(name, shape, dtype, path.name, 8 + n + begin, stop - begin)
     if 8 + n + end > size:
         raise EvomergeError(f"{path}: truncated ({size} bytes, header promises {8 + n + end})")
     return out
@@ -71,8 +74,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 class ModelDir:
     """A Hugging Face model directory, opened lazily.
 
-    Reads ``config.json`` and the safetensors headers up front; tensors are
-    memory-mapped when asked for. Pickle checkpoints (``*.bin``) can execute
+    Reads ``config.json`` and the safetensors headers up front; each tensor is
+    read on demand with one positional read into its own buffer (no memory
+    map), so resident memory holds only the tensors in use and reads from
+    several threads run in parallel. Pickle checkpoints (``*.bin``) can execute
     code when loaded, so they are refused unless ``allow_pickle`` is set.
     """
 
@@ -86,7 +91,7 @@ class ModelDir:
         self._pickle = False
         self.infos = self._read_index(allow_pickle)
         self.arch: ArchMap = arch_for(self.config, list(self.infos))
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _read_config(self) -> dict:
@@ -160,23 +165,39 @@ class ModelDir:
         return self.arch.num_layers(self.config)
 
     def tensor(self, name: str):
-        """Load one tensor (memory-mapped; copy before writing into it)."""
+        """Read one tensor into fresh CPU memory (the caller may modify it)."""
+        import torch
+
         info = self.info(name)
         if self._pickle:
             return self._pickled[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
+        fd = self._fds.get(info.file)
+        if fd is None:
             with self._lock:
-                handle = self._handles.get(info.file)
-                if handle is None:
-                    handle = safe_open(str(self.path / info.file), framework="pt")
-                    self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types
-            raise EvomergeError(f"{self.path / info.file}: cannot read tensor {name!r} ({exc})") from None
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = os.open(self.path / info.file, os.O_RDONLY)
+                    self._fds[info.file] = fd
+        buf = bytearray(info.nbytes)
+        view, offset = memoryview(buf), info.offset
+        while view.nbytes:
+            got = os.preadv(fd, [view], offset)
+            if got == 0:
+                raise EvomergeError(f"{self.path / info.file}: unexpected end of file reading tensor {name!r}")
+            view, offset = view[got:], offset + got
+        dtype = getattr(torch, info.dtype)
+        if not buf:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(info.shape)
+
+    def close(self) -> None:
+        """Close the open shard files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close() if hasattr(self, "_fds") else None
 
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, {len(self.infos)} tensors, {self.arch.family})"

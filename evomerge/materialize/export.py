@@ -118,6 +118,8 @@ def merge_to_dir(
     """
     import torch
 
+    from evomerge.perf import keep_freed_memory
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
@@ -128,6 +130,7 @@ def merge_to_dir(
     seed = seed if seed is not None else (recipe.random_seed or 0)
     slots = [TensorSlot(j.out_name, j.shape, j.dtype) for j in plan.jobs]
     max_bytes = parse_size(max_shard_size)
+    keep_freed_memory()
     old_threads = torch.get_num_threads()
     with atomic_dir(out_dir.resolve(), replace=force) as tmp:
         writer = StreamingShardWriter(tmp, slots, max_bytes)

@@ -46,38 +46,65 @@ def generalized_task_arithmetic(
     """
     if not tensors:
         return base
-    base32 = base.float()
-    deltas = []
+    base32 = base.float().reshape(-1)
+    n = base32.numel()
+    deltas = torch.empty((len(tensors), n), dtype=torch.float32, device=base.device)
     for i, t in enumerate(tensors):
-        delta = t.float() - base32
+        row, flat = deltas[i], t.reshape(-1)
+        for sl in sparsify.chunks(n):
+            torch.sub(flat[sl], base32[sl], out=row[sl])
         d = density[i] if density is not None else 1.0
         if sparsifier == "magnitude":
-            delta = sparsify.magnitude(delta, d, rescale=rescale, how=rescale_method)
+            sparsify.magnitude(row, d, rescale=rescale, how=rescale_method)
         elif sparsifier == "random":
-            delta = sparsify.random_drop(delta, d, rescale=rescale, how=rescale_method, generator=generator)
+            sparsify.random_drop(row, d, rescale=rescale, how=rescale_method, generator=generator)
         elif sparsifier == "magnitude_outliers":
-            delta = sparsify.magnitude_outliers(delta, d, gamma[i], rescale=rescale, how=rescale_method)
+            sparsify.magnitude_outliers(row, d, gamma[i], rescale=rescale, how=rescale_method)
         elif sparsifier == "della":
-            delta = sparsify.della_magprune(delta, d, epsilon[i], rescale=rescale, how=rescale_method, generator=generator)
-        deltas.append(delta)
-    stacked = torch.stack(deltas)
-    w = torch.tensor(list(weight), dtype=torch.float32, device=stacked.device).view(-1, *([1] * base.dim()))
-    weighted = stacked * w
-    if consensus:
-        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-        agree = torch.sign(weighted) == majority
-        mixed = (weighted * agree).sum(0)
-        divisor = (w * agree).sum(0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted.sum(0)
-        total = float(w.sum())
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
-    if normalize:
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return (base32 + mixed).to(base.dtype)
+            sparsify.della_magprune(row.view(base.shape), d, epsilon[i], rescale=rescale, how=rescale_method,
+                                    generator=generator)
+    if not consensus:
+        total = float(sum(weight))
+        plain_divisor = 1.0 if abs(total) < 1e-8 else total
+    out = torch.empty(n, dtype=base.dtype, device=base.device)
+    for sl in sparsify.chunks(n):
+        block = deltas[:, sl]
+        for row, w in zip(block, weight):
+            if w != 1:
+                row.mul_(w)
+        if consensus:
+            mixed, divisor = _sign_consensus(block, weight, normalize)
+        else:
+            mixed, divisor = block.sum(0), plain_divisor
+        if normalize:
+            mixed.div_(divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        out[sl] = mixed.add_(base32[sl])
+    return out.view(base.shape)
+
+
+def _sign_consensus(weighted: torch.Tensor, weight: Sequence[float], with_divisor: bool):
+    """TIES disjoint merge of a block of weighted deltas (consumes ``weighted``).
+
+    The elected sign ``e`` is + where the sum is >= 0, else -. An entry agrees
+    when ``x * e > 0`` (zeros never agree), so ``relu(x * e) * e`` is its
+    contribution and ``sign(relu(x * e))`` its agreement; the divisor sums the
+    weights of agreeing entries (exact 0 -> 1). Float passes only: boolean masks
+    are several times slower on CPU.
+    """
+    elected = weighted.sum(0).sign_().add_(0.5).sign_()
+    mixed = torch.zeros_like(elected)
+    divisor = torch.zeros_like(elected) if with_divisor else None
+    for row, w in zip(weighted, weight):
+        agreeing = row.mul_(elected).relu_()
+        mixed.add_(agreeing)
+        if with_divisor:
+            divisor.add_(agreeing.sign_(), alpha=w)
+    mixed.mul_(elected)
+    if with_divisor:
+        divisor.masked_fill_(divisor == 0, 1.0)
+    return mixed, divisor
 
 
 _VARIANTS = {
