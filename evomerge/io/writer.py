@@ -124,11 +124,12 @@ class StreamingShardWriter:
             self._pending.discard(name)
 
     def close(self, metadata: dict | None = None) -> list[str]:
-        """Flush and close the shards, write the index when sharded; returns file names."""
+        """Close the shards and write the index when sharded; returns the file names."""
         if self._pending:
             raise EvomergeError(f"merge incomplete: {len(self._pending)} tensors never written, e.g. {min(self._pending)!r}")
+        # No fsync: the shards live in a temp directory that is renamed only when
+        # complete, which already protects against a crash mid-write.
         for fd in self._fds:
-            os.fsync(fd)
             os.close(fd)
         self._fds = []
         if len(self.files) > 1:

@@ -46,46 +46,37 @@ def generalized_task_arithmetic(
     """
     if not tensors:
         return base
-    base32 = base.float().reshape(-1)
-    n = base32.numel()
-    deltas = torch.empty((len(tensors), n), dtype=torch.float32, device=base.device)
+    base32 = base.float()
+    deltas = torch.empty((len(tensors), *base.shape), dtype=torch.float32, device=base.device)
     for i, t in enumerate(tensors):
-        row, flat = deltas[i], t.reshape(-1)
-        for sl in sparsify.chunks(n):
-            torch.sub(flat[sl], base32[sl], out=row[sl])
+        delta = deltas[i]
+        torch.sub(t, base32, out=delta)
         d = density[i] if density is not None else 1.0
         if sparsifier == "magnitude":
-            sparsify.magnitude(row, d, rescale=rescale, how=rescale_method)
+            sparsify.magnitude(delta, d, rescale=rescale, how=rescale_method)
         elif sparsifier == "random":
-            sparsify.random_drop(row, d, rescale=rescale, how=rescale_method, generator=generator)
+            sparsify.random_drop(delta, d, rescale=rescale, how=rescale_method, generator=generator)
         elif sparsifier == "magnitude_outliers":
-            sparsify.magnitude_outliers(row, d, gamma[i], rescale=rescale, how=rescale_method)
+            sparsify.magnitude_outliers(delta, d, gamma[i], rescale=rescale, how=rescale_method)
         elif sparsifier == "della":
-            sparsify.della_magprune(row.view(base.shape), d, epsilon[i], rescale=rescale, how=rescale_method,
-                                    generator=generator)
-    if not consensus:
+            sparsify.della_magprune(delta, d, epsilon[i], rescale=rescale, how=rescale_method, generator=generator)
+        if weight[i] != 1:
+            delta.mul_(weight[i])
+    if consensus:
+        mixed, divisor = _sign_consensus(deltas, weight, normalize)
+    else:
+        mixed = deltas.sum(0)
         total = float(sum(weight))
-        plain_divisor = 1.0 if abs(total) < 1e-8 else total
-    out = torch.empty(n, dtype=base.dtype, device=base.device)
-    for sl in sparsify.chunks(n):
-        block = deltas[:, sl]
-        for row, w in zip(block, weight):
-            if w != 1:
-                row.mul_(w)
-        if consensus:
-            mixed, divisor = _sign_consensus(block, weight, normalize)
-        else:
-            mixed, divisor = block.sum(0), plain_divisor
-        if normalize:
-            mixed.div_(divisor)
-        if lambda_ != 1:
-            mixed.mul_(lambda_)
-        out[sl] = mixed.add_(base32[sl])
-    return out.view(base.shape)
+        divisor = 1.0 if abs(total) < 1e-8 else total
+    if normalize:
+        mixed.div_(divisor)
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(base32).to(base.dtype)
 
 
 def _sign_consensus(weighted: torch.Tensor, weight: Sequence[float], with_divisor: bool):
-    """TIES disjoint merge of a block of weighted deltas (consumes ``weighted``).
+    """TIES disjoint merge of stacked weighted deltas (consumes ``weighted``).
 
     The elected sign ``e`` is + where the sum is >= 0, else -. An entry agrees
     when ``x * e > 0`` (zeros never agree), so ``relu(x * e) * e`` is its
@@ -103,7 +94,12 @@ def _sign_consensus(weighted: torch.Tensor, weight: Sequence[float], with_diviso
             divisor.add_(agreeing.sign_(), alpha=w)
     mixed.mul_(elected)
     if with_divisor:
-        divisor.masked_fill_(divisor == 0, 1.0)
+        if min(weight) >= 0:
+            # Non-negative weights: the divisor is 0 only where nothing agrees and
+            # the sum is 0 too, so any positive floor gives mixed / floor = 0.
+            divisor.clamp_(min=1e-30)
+        else:
+            divisor.masked_fill_(divisor == 0, 1.0)
     return mixed, divisor
 
 

@@ -5,10 +5,10 @@ place** (optionally rescaling what is kept) and returns it. At ``density >= 1``
 every sparsifier returns the delta unchanged, as in mergekit.
 
 These run once per tensor per model in every merge, so they are written for
-speed on CPU: magnitude cuts use radix selection (two histogram sweeps, O(n))
-instead of a sort, the work is done in cache-sized chunks, and masks are
-applied with float operations (``threshold``, ``copysign``) because boolean
-masks are several times slower.
+speed on CPU: magnitude cuts use radix selection (two histograms, O(n))
+instead of a sort or top-k, and masks are applied with float operations
+(``threshold``, ``copysign``, ``sign``/``relu``) because boolean masks are
+several times slower.
 """
 
 from __future__ import annotations
@@ -18,56 +18,38 @@ import torch
 #: How a dropped-out delta is rescaled: mergekit restores the L1 norm; the DARE
 #: paper divides by the keep probability.
 RESCALE_METHODS = ("l1", "inverse_density")
-#: Elements per chunk: 1 MiB of float32, small enough to stay in L2 cache.
-CHUNK = 1 << 18
-
-
-def chunks(n: int) -> list[slice]:
-    """Consecutive slices of at most ``CHUNK`` elements covering ``range(n)``."""
-    return [slice(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
-
-
 class RankCut:
-    """The ``k`` largest magnitudes of a flat tensor, found by radix selection.
+    """The ``k`` largest entries of a flat non-negative tensor, found by radix selection.
 
     Non-negative IEEE floats order like their bit patterns, so a histogram of
     the high 16 bits locates the bucket holding the k-th largest value and a
-    second histogram of that bucket's low 16 bits pins it exactly. ``apply_``
-    then zeroes everything smaller; ties at the cut are kept lowest index
-    first, so exactly ``k`` entries survive. ``apply_`` must see the chunks in
-    index order.
+    histogram of that bucket's low 16 bits pins it exactly. ``apply_`` zeroes
+    everything smaller; ties at the cut are kept lowest index first, so exactly
+    ``k`` entries survive.
     """
 
-    def __init__(self, flat: torch.Tensor, k: int) -> None:
-        self.k = k
-        self.keep_all = k >= flat.numel()
+    def __init__(self, magnitude: torch.Tensor, k: int) -> None:
+        self.keep_all = k >= magnitude.numel()
         self.value = None
         if self.keep_all or k <= 0:
             return
-        high_hist = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
-        for sl in chunks(flat.numel()):
-            high_hist += torch.bincount(flat[sl].abs().view(torch.int32) >> 16, minlength=1 << 16)
-        ge = high_hist.flip(0).cumsum(0)  # ge[i]: entries whose high bits >= 65535 - i
+        bits = magnitude.view(torch.int32)
+        high = bits >> 16
+        ge = torch.bincount(high, minlength=1 << 16).flip(0).cumsum(0)  # ge[i]: high >= 65535 - i
         i = int(torch.searchsorted(ge, torch.tensor(k, dtype=ge.dtype, device=ge.device)))
         bucket = (1 << 16) - 1 - i
         above = int(ge[i - 1]) if i > 0 else 0
-        low_hist = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
-        for sl in chunks(flat.numel()):
-            bits = flat[sl].abs().view(torch.int32)
-            low_hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        low_hist = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=1 << 16)
         ge_low = low_hist.flip(0).cumsum(0)
         j = int(torch.searchsorted(ge_low, torch.tensor(k - above, dtype=ge_low.dtype, device=ge_low.device)))
-        bits = (bucket << 16) | ((1 << 16) - 1 - j)
-        self.value = torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0].item()
-        at_least = above + int(ge_low[j])
-        ties = int(low_hist[(1 << 16) - 1 - j])
+        cut = torch.tensor([(bucket << 16) | ((1 << 16) - 1 - j)], dtype=torch.int32).view(torch.float32)
+        self.value = cut.item()
         # threshold() keeps x > bound; the next float below the cut makes that x >= cut.
-        self.bound = float(torch.nextafter(torch.tensor(self.value), torch.tensor(-1.0)))
-        self.surplus = at_least - k
-        self.tie_budget = ties - self.surplus
+        self.bound = torch.nextafter(cut, torch.tensor([-1.0])).item()
+        self.surplus = above + int(ge_low[j]) - k  # tied entries beyond k
 
     def apply_(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """Zero, in place, the entries of this chunk of magnitudes that are not kept."""
+        """Zero, in place, the entries that are not among the ``k`` largest."""
         if self.keep_all:
             return magnitude
         if self.value is None:
@@ -75,9 +57,7 @@ class RankCut:
         torch.nn.functional.threshold(magnitude, self.bound, 0.0, inplace=True)
         if self.surplus > 0:
             tied = torch.nonzero(magnitude == self.value).squeeze(1)
-            if tied.numel() > self.tie_budget:
-                magnitude[tied[max(self.tie_budget, 0) :]] = 0
-            self.tie_budget -= min(tied.numel(), max(self.tie_budget, 0))
+            magnitude[tied[tied.numel() - self.surplus :]] = 0
         return magnitude
 
 
@@ -92,19 +72,18 @@ def _rescale_(delta: torch.Tensor, before: float, rescale: bool, how: str, densi
     return delta
 
 
-def _keep_ranks_(delta: torch.Tensor, cuts: list[RankCut], rescale: bool, how: str, density: float) -> torch.Tensor:
-    """Keep entries kept by ``cuts[0]`` but not by any later cut, preserving signs."""
+def _keep_ranks_(delta: torch.Tensor, k_upper: int, k_lower: int, rescale: bool, how: str,
+                 density: float) -> torch.Tensor:
+    """Keep the entries ranked ``k_lower + 1 .. k_upper`` by magnitude, with their signs."""
     flat = delta.view(-1)
-    before = 0.0
-    for sl in chunks(flat.numel()):
-        part = flat[sl]
-        mag = part.abs()
-        if rescale:
-            before += float(mag.sum())
-        kept = cuts[0].apply_(mag.clone() if len(cuts) > 1 else mag)
-        for cut in cuts[1:]:
-            kept.sub_(cut.apply_(mag))
-        torch.copysign(kept, part, out=part)
+    magnitude_ = flat.abs()
+    before = float(magnitude_.sum()) if rescale and how == "l1" else 0.0
+    if k_lower > 0:
+        kept = RankCut(magnitude_, k_upper).apply_(magnitude_.clone())
+        kept.sub_(RankCut(magnitude_, k_lower).apply_(magnitude_))
+    else:
+        kept = RankCut(magnitude_, k_upper).apply_(magnitude_)
+    torch.copysign(kept, flat, out=flat)
     return _rescale_(delta, before, rescale, how, density)
 
 
@@ -115,8 +94,7 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, how
     """
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    return _keep_ranks_(delta, [RankCut(delta.view(-1), k)], rescale, how, density)
+    return _keep_ranks_(delta, int(density * delta.numel()), 0, rescale, how, density)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, *,
@@ -132,8 +110,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     n = delta.numel()
     target = int(density * n)
     n_top = min(int(gamma * n), n - target)
-    flat = delta.view(-1)
-    return _keep_ranks_(delta, [RankCut(flat, target + n_top), RankCut(flat, n_top)], rescale, how, density)
+    return _keep_ranks_(delta, target + n_top, n_top, rescale, how, density)
 
 
 def random_drop(delta: torch.Tensor, density: float, *, rescale: bool = True, how: str = "l1",
@@ -141,15 +118,10 @@ def random_drop(delta: torch.Tensor, density: float, *, rescale: bool = True, ho
     """DARE: keep each entry with probability ``density``, then rescale."""
     if density >= 1:
         return delta
-    flat = delta.view(-1)
-    before = 0.0
-    for sl in chunks(flat.numel()):
-        part = flat[sl]
-        if rescale and how == "l1":
-            before += float(part.abs().sum())
-        draw = torch.rand(part.numel(), generator=generator, device=part.device, dtype=torch.float32)
-        # 1 where draw < density, else 0, with float ops: sign(density - draw) clipped at 0
-        part.mul_(draw.neg_().add_(density).sign_().relu_())
+    before = float(delta.abs().sum()) if rescale and how == "l1" else 0.0
+    draw = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
+    # 1 where draw < density, else 0, with float ops: relu(sign(density - draw))
+    delta.mul_(draw.neg_().add_(density).sign_().relu_())
     return _rescale_(delta, before, rescale, how, density)
 
 
