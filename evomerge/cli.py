@@ -38,7 +38,7 @@ out_console = Console()
 def zoo_build(
     kind: str = typer.Argument(..., help="Zoo kind: 'lm' (Llama base + task fine-tunes)."),
     size: str = typer.Option("small", "--size", help="tiny (seconds, tests), small (demo, minutes), medium (~250M params, benchmarks)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Target directory [default: $EVOMERGE_CACHE/zoo/KIND-SIZE-seedN]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Target directory (default: $EVOMERGE_CACHE/zoo/KIND-SIZE-seedN)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and training."),
     force: bool = typer.Option(False, "--force", help="Replace a zoo of a different spec at --out (never a non-zoo directory)."),
 ) -> None:
@@ -72,7 +72,7 @@ def zoo_build(
 
 @zoo_app.command("check")
 def zoo_check(
-    path: Optional[Path] = typer.Argument(None, help="Zoo directory [default: the lm zoo of --size/--seed in the cache]."),
+    path: Optional[Path] = typer.Argument(None, help="Zoo directory (default: the lm zoo of --size/--seed in the cache)."),
     size: str = typer.Option("small", "--size", help="Zoo size when PATH is not given."),
     seed: int = typer.Option(0, "--seed", help="Zoo seed when PATH is not given."),
     split: str = typer.Option("test", "--split", help="'test' (reports) or 'validation' (what search optimizes)."),
@@ -109,7 +109,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs: cpu or cuda."),
     threads: int = typer.Option(2, "--threads", help="Tensors merged in parallel."),
-    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="Seed for DARE/DELLA masks [default: the recipe's random_seed, else 0]."),
+    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="Seed for DARE/DELLA masks (default: the recipe's random_seed, else 0)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Cut output shards at this size."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickle *.bin checkpoints (can run code; only for sources you trust)."),
 ) -> None:
