@@ -58,6 +58,16 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+def read_json(file: Path, missing: str) -> Any:
+    """Parse a JSON file; a missing file raises ``missing``, bad JSON names the file and line."""
+    try:
+        return json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise EvomergeError(missing) from None
+    except json.JSONDecodeError as exc:
+        raise EvomergeError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` via a temp file and ``os.replace``."""
     path = Path(path)

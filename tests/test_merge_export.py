@@ -212,6 +212,7 @@ def test_pickle_checkpoints_need_opt_in(zoo, tmp_path):
         ({"parameters": {"densty": 0.5}}, "ties has no parameter 'densty'; valid: density"),
         ({"parameters": {"density": 1.5}}, "density 1.5 .* outside \\(0, 1\\]"),
         ({"base_model": None}, "ties needs a base_model"),
+        ({"merge_method": "dare_ties", "parameters": {"rescale_method": "l2"}}, "rescale_method 'l2'; choose one of l1, inverse_density"),
     ],
 )
 def test_bad_parameters_fail_before_writing(zoo, tmp_path, change, match):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from evomerge.arch import ArchMap, arch_for
 from evomerge.errors import EvomergeError
+from evomerge.fsutil import read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -95,13 +96,7 @@ class ModelDir:
         self._lock = threading.Lock()
 
     def _read_config(self) -> dict:
-        file = self.path / "config.json"
-        try:
-            return json.loads(file.read_text())
-        except FileNotFoundError:
-            raise EvomergeError(f"{self.path}: no config.json (not a Hugging Face model directory)") from None
-        except json.JSONDecodeError as exc:
-            raise EvomergeError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        return read_json(self.path / "config.json", f"{self.path}: no config.json (not a Hugging Face model directory)")
 
     def _read_index(self, allow_pickle: bool) -> dict[str, TensorInfo]:
         index = self.path / SAFETENSORS_INDEX

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,8 +21,6 @@ from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
 from evomerge.materialize.plan import MergePlan, TensorJob, open_models, plan_merge
 from evomerge.methods.registry import apply_method
 from evomerge.recipe import Recipe
-
-log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

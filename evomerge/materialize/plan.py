@@ -7,12 +7,13 @@ their ranges) before any weight is read or any file is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.io.model_dir import ModelDir
+from evomerge.methods.sparsify import RESCALE_METHODS
 from evomerge.methods.registry import REQUIRED, MergeMethod, check_params, get_method
 from evomerge.recipe import NO_MATCH, OutputSlice, Recipe, SliceSource, lookup
 
@@ -41,7 +42,6 @@ class MergePlan:
     config: dict
     reference: str  # model whose config/tokenizer the output starts from
     num_layers: int
-    extra: dict = field(default_factory=dict)
 
 
 def open_models(recipe: Recipe, *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict[str, ModelDir]:
@@ -178,6 +178,10 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
                 raise EvomergeError(f"{where}: parameter {key!r} is required by {method.name}")
             value = default
         global_params[key] = value
+    if global_params.get("rescale_method", "l1") not in RESCALE_METHODS:
+        raise EvomergeError(
+            f"{where}: rescale_method {global_params['rescale_method']!r}; choose one of {', '.join(RESCALE_METHODS)}"
+        )
     ref_dtype = models[(base_ref or sources[0])[0]].info((base_ref or sources[0])[1]).dtype
     return TensorJob(
         out_name=out_name,

@@ -104,18 +104,18 @@ def _sign_consensus(weighted: torch.Tensor, weight: Sequence[float], with_diviso
 
 
 _VARIANTS = {
-    # name: (sparsifier, consensus, normalize default, rescale default, description)
-    "task_arithmetic": (None, False, False, False, "base + lambda * sum_i w_i * delta_i"),
-    "ties": ("magnitude", True, True, False, "TIES: magnitude trim, sign election, disjoint mean"),
-    "dare_ties": ("random", True, False, True, "DARE random drop + rescale, then TIES sign election"),
-    "dare_linear": ("random", False, False, True, "DARE random drop + rescale, weighted sum"),
-    "breadcrumbs": ("magnitude_outliers", False, False, False, "Model Breadcrumbs: drop outliers and small entries"),
-    "breadcrumbs_ties": ("magnitude_outliers", True, False, False, "Breadcrumbs trim with TIES sign election"),
-    "della": ("della", True, True, True, "DELLA magnitude-ranked drop + rescale, TIES sign election"),
-    "della_linear": ("della", False, False, True, "DELLA magnitude-ranked drop + rescale, weighted sum"),
+    # name: (sparsifier, sign consensus, normalize default, rescale default)
+    "task_arithmetic": (None, False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_ties": ("random", True, False, True),
+    "dare_linear": ("random", False, False, True),
+    "breadcrumbs": ("magnitude_outliers", False, False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", True, False, False),
+    "della": ("della", True, True, True),
+    "della_linear": ("della", False, False, True),
 }
 
-for _name, (_sparsifier, _consensus, _normalize, _rescale, _doc) in _VARIANTS.items():
+for _name, (_sparsifier, _consensus, _normalize, _rescale) in _VARIANTS.items():
     _source = {"weight": REQUIRED}
     if _sparsifier is not None:
         _source["density"] = 1.0
@@ -131,6 +131,5 @@ for _name, (_sparsifier, _consensus, _normalize, _rescale, _doc) in _VARIANTS.it
             source_params=_source,
             global_params=_global,
             random=_sparsifier in ("random", "della"),
-            description=_doc,
         )
     )

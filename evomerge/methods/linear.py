@@ -30,6 +30,5 @@ register(
         base="none",
         source_params={"weight": REQUIRED},
         global_params={"normalize": True},
-        description="weighted average of the models",
     )
 )

@@ -45,6 +45,5 @@ register(
         kernel=model_stock,
         global_params={"filter_wise": False},
         min_sources=2,
-        description="interpolate base toward the models' mean by their deltas' mean cosine",
     )
 )

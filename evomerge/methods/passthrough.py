@@ -23,6 +23,5 @@ register(
         base="none",
         source_params={"scale": None},
         max_sources=1,
-        description="copy one model's tensor (slices of several models make a frankenmerge)",
     )
 )

@@ -32,7 +32,6 @@ class MergeMethod:
     random: bool = False
     min_sources: int = 1
     max_sources: int | None = None
-    description: str = ""
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -44,6 +44,5 @@ register(
         kernel=slerp,
         global_params={"t": REQUIRED},
         max_sources=1,
-        description="spherical interpolation between base (t=0) and one model (t=1)",
     )
 )

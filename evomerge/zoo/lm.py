@@ -177,15 +177,13 @@ def _build_into(tmp: Path, final: Path, spec: LMZooSpec, seed: int, say: Progres
 
     from evomerge.zoo.lmeval_tasks import write_task_files
     from evomerge.zoo.tokenizer import build_char_tokenizer
+    from evomerge.zoo.tasks import heldout_split
     from evomerge.zoo.train import CharCodec, MixtureSampler, exact_match, train
 
     tokenizer = build_char_tokenizer()
     codec = CharCodec(tokenizer)
     tasks = {t.name: make_task(t.name, t.min_len, t.max_len) for t in spec.tasks}
     finetunes = spec.finetune_tasks
-
-    from evomerge.zoo.tasks import heldout_split
-
     sizes = {"validation": spec.n_validation, "test": spec.n_test, "unlabeled": spec.n_unlabeled}
     splits = {name: heldout_split(tasks[name], seed, sizes) for name in finetunes}
     heldout = {p for per_task in splits.values() for rows in per_task.values() for p, _ in rows}

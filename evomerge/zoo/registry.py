@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.fsutil import read_json
 
 MANIFEST = "zoo.json"
 #: Environment variable that moves evomerge's cache (zoos live under ``$EVOMERGE_CACHE/zoo``).
@@ -53,13 +53,9 @@ class ZooInfo:
 
 def read_manifest(path: Path) -> dict:
     """Read ``zoo.json`` from ``path`` with a clear error when it is missing or broken."""
-    file = Path(path) / MANIFEST
-    try:
-        return json.loads(file.read_text())
-    except FileNotFoundError:
-        raise EvomergeError(f"{path}: not an evomerge zoo (no {MANIFEST}); build one with `evomerge zoo build`") from None
-    except json.JSONDecodeError as exc:
-        raise EvomergeError(f"{file}: corrupt zoo manifest ({exc.msg} at line {exc.lineno})") from None
+    return read_json(
+        Path(path) / MANIFEST, f"{path}: not an evomerge zoo (no {MANIFEST}); build one with `evomerge zoo build`"
+    )
 
 
 def load_zoo(path: Path) -> ZooInfo:
