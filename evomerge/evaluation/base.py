@@ -1,0 +1,78 @@
+"""The evaluator interface and its error type."""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+
+class EvaluationError(EvomergeError):
+    """A candidate could not be scored; the search records it as a failed candidate.
+
+    The evaluator stays usable for the next candidate.
+    """
+
+
+class Evaluator(ABC):
+    """Scores a live model. Subclasses take their settings as keyword arguments."""
+
+    #: Registry name, e.g. ``"lm_eval"``.
+    name: str = ""
+
+    def setup(self, model, tokenizer) -> None:  # noqa: B027  (optional hook)
+        """Per-worker preparation that does not depend on the candidate's weights."""
+
+    @abstractmethod
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """Metrics of the model as it is now (its weights are the candidate's)."""
+
+    def __call__(self, model, tokenizer) -> dict[str, float]:
+        """``evaluate`` with the result checked: named, finite numbers only."""
+        try:
+            metrics = self.evaluate(model, tokenizer)
+        except EvomergeError:
+            raise
+        except Exception as exc:  # a plugin failure is the candidate's failure, not the worker's
+            raise EvaluationError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        return check_metrics(self.name, metrics)
+
+
+def check_metrics(source: str, metrics: Any) -> dict[str, float]:
+    """Validate an evaluator's result: a dict of metric name -> finite number."""
+    if not isinstance(metrics, dict) or not metrics:
+        raise EvaluationError(f"{source}: expected a non-empty dict of metrics, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EvaluationError(f"{source}: metric {key!r} is not a number ({value!r})")
+        if not math.isfinite(value):
+            raise EvaluationError(f"{source}: metric {key!r} is {value}")
+        out[str(key)] = float(value)
+    return out
+
+
+def read_jsonl(path: str | Path, field: str, limit: int | None = None) -> list[str]:
+    """The ``field`` of each line of a JSONL file, with errors naming file and line."""
+    path = Path(path)
+    rows: list[str] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(str(json.loads(line)[field]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EvomergeError(f"{path}: line {number}: expected a JSON object with a {field!r} field") from None
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise EvomergeError(f"{path}: no {field!r} rows")
+    return rows

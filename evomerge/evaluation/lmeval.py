@@ -1,0 +1,110 @@
+"""lm-eval tasks scored in process on the live model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.registry import register
+
+log = logging.getLogger(__name__)
+SPLITS = ("validation", "test")
+
+
+@register
+class LMEvalEvaluator(Evaluator):
+    """Runs lm-eval tasks on the live model; metrics are named ``task/metric``.
+
+    Set up once per worker: one ``TaskManager`` restricted to ``include_path``
+    (no scan of lm-eval's bundled tasks), the tasks built once (documents loaded
+    once), and one ``HFLM`` wrapper around the live model with the batch size set
+    on the wrapper (``simple_evaluate`` ignores its own ``batch_size`` for model
+    instances). lm-eval's response cache is never used: it would hand one merge
+    another merge's answers. ``split`` picks the documents scored: ``validation``
+    during search, ``test`` for reports.
+    """
+
+    name = "lm_eval"
+
+    def __init__(self, tasks: list[str], include_path: str | None = None, split: str = "validation",
+                 limit: int | None = None, batch_size: int = 32, num_fewshot: int | None = None,
+                 metric: str | None = None) -> None:
+        if split not in SPLITS:
+            raise EvomergeError(f"lm_eval: split must be one of {', '.join(SPLITS)}, not {split!r}")
+        if not tasks:
+            raise EvomergeError("lm_eval: no tasks given")
+        self.task_names = list(tasks)
+        self.include_path = include_path
+        self.split = split
+        self.limit = limit
+        self.batch_size = batch_size
+        self.num_fewshot = num_fewshot
+        self.metric = metric
+        self._lm = None
+        self._tasks = None
+        self._manager = None
+
+    def setup(self, model, tokenizer) -> None:
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise EvomergeError(f"lm_eval: include_path {self.include_path} is not a directory")
+        manager = TaskManager(include_path=self.include_path, include_defaults=self.include_path is None)
+        unknown = [t for t in self.task_names if t not in manager.all_tasks]
+        if unknown:
+            raise EvomergeError(
+                f"lm_eval: unknown task {unknown[0]!r}"
+                + (f" in {self.include_path}" if self.include_path else "")
+                + f"; available: {', '.join(sorted(manager.all_tasks)[:20])}"
+            )
+        try:
+            loaded = manager.load(self.task_names)
+        except Exception as exc:  # lm-eval raises assorted types for bad YAML / data
+            raise EvomergeError(f"lm_eval: cannot load tasks {self.task_names}: {exc}") from exc
+        if loaded["groups"]:
+            raise EvomergeError(f"lm_eval: {sorted(loaded['groups'])[0]!r} is a group; list its tasks instead")
+        tasks = loaded["tasks"]
+        for name, task in tasks.items():
+            self._select_split(name, task)
+        self._tasks = tasks
+        self._manager = manager  # simple_evaluate re-indexes every bundled YAML (~20 s) without it
+        self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+
+    def _select_split(self, name: str, task) -> None:
+        """Make ``eval_docs`` return the chosen split (lm-eval prefers test when it is set)."""
+        config = task.config
+        if self.split == "validation":
+            if config.validation_split is None:
+                raise EvomergeError(f"lm_eval: task {name!r} has no validation split")
+            config.test_split = None
+        elif config.test_split is None:
+            raise EvomergeError(f"lm_eval: task {name!r} has no test split")
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        from lm_eval import simple_evaluate
+
+        if self._lm is None:
+            self.setup(model, tokenizer)
+        out = simple_evaluate(
+            model=self._lm,
+            tasks=list(self._tasks.values()),
+            task_manager=self._manager,
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+            use_cache=None,
+        )
+        metrics: dict[str, float] = {}
+        for task, results in out["results"].items():
+            for key, value in results.items():
+                if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                metric = key.split(",", 1)[0]
+                if self.metric is None or metric == self.metric:
+                    metrics[f"{task}/{metric}"] = float(value)
+        return metrics

@@ -1,0 +1,56 @@
+"""Perplexity of the live model on a JSONL text file."""
+
+from __future__ import annotations
+
+import math
+
+from evomerge.evaluation.base import Evaluator, read_jsonl
+from evomerge.evaluation.registry import register
+
+
+@register
+class PerplexityEvaluator(Evaluator):
+    """exp(mean token negative log-likelihood) over the texts of a JSONL file (lower is better)."""
+
+    name = "perplexity"
+
+    def __init__(self, path: str, field: str = "text", limit: int | None = None, batch_size: int = 32,
+                 max_length: int = 1024) -> None:
+        self.path = path
+        self.field = field
+        self.limit = limit
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._batches = None
+
+    def setup(self, model, tokenizer) -> None:
+        texts = read_jsonl(self.path, self.field, self.limit)
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        try:
+            self._batches = [
+                tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=self.max_length, add_special_tokens=False)
+                for i in range(0, len(texts), self.batch_size)
+            ]
+        finally:
+            tokenizer.padding_side = padding_side
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        import torch
+
+        if self._batches is None:
+            self.setup(model, tokenizer)
+        device = next(model.parameters()).device
+        nll, tokens = 0.0, 0
+        with torch.no_grad():
+            for batch in self._batches:
+                ids = batch["input_ids"].to(device)
+                mask = batch["attention_mask"].to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                target = ids[:, 1:]
+                keep = mask[:, 1:].bool()
+                losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+                nll += float(losses[keep].sum())
+                tokens += int(keep.sum())
+        return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1)}

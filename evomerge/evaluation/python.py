@@ -1,0 +1,51 @@
+"""A user's own metric: ``path/to/file.py:function`` or ``package.module:function``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.registry import register
+
+
+def load_function(ref: str):
+    """Import ``module:function`` or ``file.py:function``, with clear errors."""
+    module_ref, sep, attr = ref.rpartition(":")
+    if not sep or not module_ref or not attr:
+        raise EvomergeError(f"python evaluator: function must be 'module:function' or 'file.py:function', not {ref!r}")
+    try:
+        if module_ref.endswith(".py"):
+            path = Path(module_ref)
+            if not path.exists():
+                raise EvomergeError(f"python evaluator: {path} not found")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_ref)
+    except EvomergeError:
+        raise
+    except Exception as exc:
+        raise EvomergeError(f"python evaluator: cannot import {module_ref}: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise EvomergeError(f"python evaluator: {module_ref} has no function {attr!r}")
+    return fn
+
+
+@register
+class PythonEvaluator(Evaluator):
+    """Calls ``function(model, tokenizer, **kwargs)``, which returns ``{metric: number}``."""
+
+    name = "python"
+
+    def __init__(self, function: str, kwargs: dict | None = None) -> None:
+        self.function = load_function(function)
+        self.ref = function
+        self.kwargs = dict(kwargs or {})
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        return self.function(model, tokenizer, **self.kwargs)

@@ -1,0 +1,40 @@
+"""Name -> evaluator class; ``build_evaluator`` validates a config against the class."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.base import Evaluator
+
+EVALUATORS: dict[str, type[Evaluator]] = {}
+
+
+def register(cls: type[Evaluator]) -> type[Evaluator]:
+    """Class decorator adding an evaluator to the registry under ``cls.name``."""
+    EVALUATORS[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    from evomerge.evaluation import entropy, lmeval, perplexity, python  # noqa: F401
+
+
+def build_evaluator(spec: dict[str, Any]) -> Evaluator:
+    """Make an evaluator from ``{"type": name, **settings}``, with clear errors for bad settings."""
+    _load_builtin()
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in EVALUATORS:
+        raise EvomergeError(f"unknown evaluator {kind!r}; known: {', '.join(sorted(EVALUATORS))}")
+    cls = EVALUATORS[kind]
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(spec) - set(params) - {"self"})
+    if unknown:
+        valid = ", ".join(p for p in params if p != "self")
+        raise EvomergeError(f"evaluator {kind}: unknown setting {unknown[0]!r}; valid: {valid}")
+    missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty and p not in spec]
+    if missing:
+        raise EvomergeError(f"evaluator {kind}: missing setting {missing[0]!r}")
+    return cls(**spec)
