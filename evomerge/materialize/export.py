@@ -37,7 +37,7 @@ def job_seed(seed: int, out_name: str) -> int:
 
 
 def run_job(plan: MergePlan, job: TensorJob, device: str = "cpu", seed: int = 0):
-    """Compute one output tensor (on ``device``), returned on the CPU in the job's dtype."""
+    """Compute one output tensor on ``device``, in the job's dtype."""
     import torch
 
     compute = getattr(torch, plan.recipe.dtype) if plan.recipe.dtype else None
@@ -55,7 +55,7 @@ def run_job(plan: MergePlan, job: TensorJob, device: str = "cpu", seed: int = 0)
         out = apply_method(plan.method.name, base, tensors, job.source_params, job.global_params, generator)
     except ValueError as exc:
         raise EvomergeError(f"{job.out_name}: {exc}") from None
-    return out.to(getattr(torch, job.dtype)).cpu()
+    return out.to(getattr(torch, job.dtype))
 
 
 def model_card(plan: MergePlan) -> str:
