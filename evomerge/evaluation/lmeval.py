@@ -102,7 +102,8 @@ class LMEvalEvaluator(Evaluator):
         metrics: dict[str, float] = {}
         for task, results in out["results"].items():
             for key, value in results.items():
-                if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+                # metrics are keyed "metric,filter"; skip alias, sample counts and stderr
+                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
                     continue
                 metric = key.split(",", 1)[0]
                 if self.metric is None or metric == self.metric:

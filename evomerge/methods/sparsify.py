@@ -20,6 +20,8 @@ import torch
 #: How a dropped-out delta is rescaled: mergekit restores the L1 norm; the DARE
 #: paper divides by the keep probability.
 RESCALE_METHODS = ("l1", "inverse_density")
+#: Below this many entries torch.kthvalue beats the radix histograms' fixed cost.
+SMALL = 1 << 15
 class RankCut:
     """The ``k`` largest entries of a flat non-negative tensor, found by radix selection.
 
@@ -35,6 +37,10 @@ class RankCut:
         self.value = None
         if self.keep_all or k <= 0:
             return
+        if magnitude.numel() < SMALL:
+            cut = torch.kthvalue(magnitude.float(), magnitude.numel() - k + 1).values.reshape(1)
+            self._finish(cut, int((magnitude >= cut).sum()), k)
+            return
         bits = magnitude.view(torch.int32)
         # The high half of each float read in place (little-endian: the second int16)
         # saves a shift pass; non-negative floats keep it within [0, 32767].
@@ -47,10 +53,13 @@ class RankCut:
         ge_low = low_hist.flip(0).cumsum(0)
         j = int(torch.searchsorted(ge_low, torch.tensor(k - above, dtype=ge_low.dtype, device=ge_low.device)))
         cut = torch.tensor([(bucket << 16) | ((1 << 16) - 1 - j)], dtype=torch.int32).view(torch.float32)
+        self._finish(cut, above + int(ge_low[j]), k)
+
+    def _finish(self, cut: torch.Tensor, at_least: int, k: int) -> None:
         self.value = cut.item()
         # threshold() keeps x > bound; the next float below the cut makes that x >= cut.
-        self.bound = torch.nextafter(cut, torch.tensor([-1.0])).item()
-        self.surplus = above + int(ge_low[j]) - k  # tied entries beyond k
+        self.bound = torch.nextafter(cut.cpu(), torch.tensor([-1.0])).item()
+        self.surplus = at_least - k  # tied entries beyond k
 
     def apply_(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the entries that are not among the ``k`` largest."""

@@ -1,0 +1,121 @@
+"""Per-candidate materialization: resident in-place vs disk round-trip, plus one lm-eval scoring.
+
+For the small and medium LM zoos, times a few TIES candidates two ways in the
+same run: `ResidentMerger.materialize` (in place into one live model) and the
+disk round trip a search without it would do (`evomerge merge` to a temp dir,
+then `from_pretrained`). Prints seconds per candidate, the ratio and the
+effective memory traffic. On the small zoo it also times one lm-eval scoring
+of a candidate and splits it into model forward time and harness overhead.
+
+    python benchmarks/materialize.py [--sizes small medium] [--candidates 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def ties(zoo, density: float, weight: float):
+    from evomerge.recipe import Recipe
+
+    m = {k: str(v) for k, v in zoo.models.items()}
+    return Recipe.model_validate({
+        "merge_method": "ties", "base_model": m["base"],
+        "models": [{"model": m[t], "parameters": {"weight": weight, "density": density}} for t in zoo.finetune_tasks],
+    })
+
+
+def bench_size(size: str, n: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.materialize.export import merge_to_dir
+    from evomerge.materialize.resident import ResidentMerger
+    from evomerge.zoo import build_zoo
+
+    zoo = build_zoo("lm", size)
+    recipes = [ties(zoo, 0.3 + 0.2 * i, 0.5 + 0.1 * i) for i in range(n)]
+    start = time.perf_counter()
+    merger = ResidentMerger(zoo.models["base"], [zoo.models[t] for t in zoo.finetune_tasks], device="cpu")
+    setup = time.perf_counter() - start
+    merger.materialize(recipes[0])  # warm-up
+    start = time.perf_counter()
+    for r in recipes:
+        merger.materialize(r)
+    resident = (time.perf_counter() - start) / n
+    with tempfile.TemporaryDirectory(prefix="evomerge-bench-") as tmp:
+        start = time.perf_counter()
+        for i, r in enumerate(recipes):
+            out = merge_to_dir(r, Path(tmp) / f"c{i}")
+            AutoModelForCausalLM.from_pretrained(str(out))
+        disk = (time.perf_counter() - start) / n
+    model_bytes = sum(p.numel() * p.element_size() for p in merger.model.parameters())
+    traffic = model_bytes * (len(zoo.finetune_tasks) + 2)  # read base + sources, write the live model
+    params = sum(p.numel() for p in merger.model.parameters())
+    print(f"[{size}] {params / 1e6:.1f}M params ({next(merger.model.parameters()).dtype}), "
+          f"TIES of {len(zoo.finetune_tasks)}, {n} candidates; resident setup {setup:.2f} s")
+    print(f"  resident in place : {resident * 1000:8.1f} ms/candidate  ({traffic / resident / 1e9:.2f} GB/s effective)")
+    print(f"  disk round trip   : {disk * 1000:8.1f} ms/candidate")
+    print(f"  ratio             : {disk / resident:8.1f}x")
+    if size == "small":
+        bench_eval(zoo, merger)
+    del merger
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def bench_eval(zoo, merger) -> None:
+    import torch
+
+    from evomerge.evaluation import build_evaluator
+
+    tasks = [f"zoo_{t}" for t in zoo.finetune_tasks]
+    ev = build_evaluator({"type": "lm_eval", "tasks": tasks, "include_path": str(zoo.tasks_dir), "batch_size": 64})
+    start = time.perf_counter()
+    ev.setup(merger.model, merger_tokenizer(zoo))
+    setup = time.perf_counter() - start
+    model = merger.model
+    forward = [0.0]
+    original = model.forward
+
+    def timed_forward(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            forward[0] += time.perf_counter() - t
+
+    model.forward = timed_forward
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            metrics = ev(model, merger_tokenizer(zoo))
+            total = time.perf_counter() - start
+    finally:
+        model.forward = original
+    print(f"  lm_eval on {len(tasks)} tasks x 200 validation items: {total:.2f} s per candidate "
+          f"(model forward {forward[0]:.2f} s, harness {total - forward[0]:.2f} s); setup once {setup:.2f} s")
+    print("  " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def merger_tokenizer(zoo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(zoo.models["base"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["small", "medium"])
+    parser.add_argument("--candidates", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for size in args.sizes:
+        bench_size(size, args.candidates)
+
+
+if __name__ == "__main__":
+    main()
