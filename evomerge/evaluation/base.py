@@ -56,6 +56,23 @@ def check_metrics(source: str, metrics: Any) -> dict[str, float]:
     return out
 
 
+def tokenize_batches(tokenizer, texts: list[str], batch_size: int, padding_side: str, **kwargs) -> list:
+    """Tokenize ``texts`` once into padded batches, padding on ``padding_side``.
+
+    The tokenizer's own padding side is restored afterwards (it is shared with
+    other evaluators such as lm-eval's wrapper).
+    """
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        return [
+            tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False, **kwargs)
+            for i in range(0, len(texts), batch_size)
+        ]
+    finally:
+        tokenizer.padding_side = saved
+
+
 def read_jsonl(path: str | Path, field: str, limit: int | None = None) -> list[str]:
     """The ``field`` of each line of a JSONL file, with errors naming file and line."""
     path = Path(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evomerge.evaluation.base import Evaluator, read_jsonl
+from evomerge.evaluation.base import Evaluator, read_jsonl, tokenize_batches
 from evomerge.evaluation.registry import register
 
 
@@ -26,15 +26,8 @@ class EntropyEvaluator(Evaluator):
 
     def setup(self, model, tokenizer) -> None:
         prompts = read_jsonl(self.path, self.field, self.limit)
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # the last position is then every prompt's last token
-        try:
-            self._batches = [
-                tokenizer(prompts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-                for i in range(0, len(prompts), self.batch_size)
-            ]
-        finally:
-            tokenizer.padding_side = padding_side
+        # left padding: the last position is every prompt's last token
+        self._batches = tokenize_batches(tokenizer, prompts, self.batch_size, "left")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from evomerge.evaluation.base import Evaluator, read_jsonl
+from evomerge.evaluation.base import Evaluator, read_jsonl, tokenize_batches
 from evomerge.evaluation.registry import register
 
 
@@ -25,16 +25,8 @@ class PerplexityEvaluator(Evaluator):
 
     def setup(self, model, tokenizer) -> None:
         texts = read_jsonl(self.path, self.field, self.limit)
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "right"
-        try:
-            self._batches = [
-                tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                          max_length=self.max_length, add_special_tokens=False)
-                for i in range(0, len(texts), self.batch_size)
-            ]
-        finally:
-            tokenizer.padding_side = padding_side
+        self._batches = tokenize_batches(tokenizer, texts, self.batch_size, "right", truncation=True,
+                                         max_length=self.max_length)
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         import torch
