@@ -65,7 +65,7 @@ def model_card(plan: MergePlan) -> str:
     if recipe.base_model:
         lines.append(f"base_model: {json.dumps(recipe.base_model)}")
     lines += ["library_name: transformers", "tags:", "- merge", "- evomerge", "- mergekit", "---", ""]
-    lines += ["# Merged model", "", f"Made with [evomerge](https://github.com/) using **{recipe.merge_method}**.", ""]
+    lines += ["# Merged model", "", f"Made with evomerge using **{recipe.merge_method}**.", ""]
     lines += ["## Source models", ""] + [f"- `{m}`" for m in recipe.referenced_models()] + [""]
     lines += ["## Recipe", "", "Reproduce with `evomerge merge` (or mergekit's `mergekit-yaml`):", "", "```yaml"]
     lines += [recipe.to_yaml().rstrip(), "```", ""]
