@@ -134,7 +134,8 @@ def merge_to_dir(
         # Parallelism comes from the job pool; one intra-op thread per job avoids oversubscription.
         torch.set_num_threads(1)
         try:
-            _run_all(plan, writer, device, seed, max(1, threads), progress)
+            run_jobs(plan, lambda job, out: writer.write(job.out_name, out), device=device, seed=seed,
+                     threads=max(1, threads), progress=progress)
             writer.close({"merged_by": "evomerge"})
         except BaseException:
             writer.abort()
@@ -148,14 +149,19 @@ def merge_to_dir(
     return out_dir
 
 
-def _run_all(plan: MergePlan, writer: StreamingShardWriter, device: str, seed: int, threads: int,
-             progress: Callable[[int, int], None] | None) -> None:
+def run_jobs(plan: MergePlan, sink: Callable[[TensorJob, object], None], *, device: str = "cpu", seed: int = 0,
+             threads: int = 1, progress: Callable[[int, int], None] | None = None) -> None:
+    """Compute every job of ``plan`` on a thread pool and hand each result to ``sink``.
+
+    At most ``2 * threads`` jobs are in flight, so memory stays bounded; the
+    first failure is raised after the pool stops.
+    """
     total = len(plan.jobs)
     done = 0
-    window = 2 * threads  # bounded in-flight jobs -> bounded memory
+    window = 2 * threads
 
     def work(job: TensorJob) -> None:
-        writer.write(job.out_name, run_job(plan, job, device, seed))
+        sink(job, run_job(plan, job, device, seed))
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
         pending: set[Future] = set()

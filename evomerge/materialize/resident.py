@@ -20,7 +20,7 @@ from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.io.model_dir import ModelDir
-from evomerge.materialize.export import run_job
+from evomerge.materialize.export import run_jobs
 from evomerge.materialize.plan import plan_merge
 from evomerge.recipe import Recipe
 
@@ -57,7 +57,7 @@ class ResidentMerger:
     """One live model plus a resident pool of source weights; see the module doc."""
 
     def __init__(self, base: str | Path, sources: list[str | Path], *, device: str | None = None,
-                 allow_pickle: bool = False) -> None:
+                 threads: int = 2, allow_pickle: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -65,11 +65,14 @@ class ResidentMerger:
 
         keep_freed_memory()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # CPU: tensors are merged in parallel, one intra-op thread each; CUDA: one stream, in order.
+        self.threads = max(1, threads) if self.device == "cpu" else 1
         names = [str(base)] + [str(s) for s in sources if str(s) != str(base)]
         self.pool = {name: _ResidentModel(ModelDir(name, allow_pickle=allow_pickle), self.device) for name in names}
         self.base = str(base)
         self.model = AutoModelForCausalLM.from_pretrained(str(base)).to(self.device).eval()
-        self._targets = dict(self.model.state_dict(keep_vars=True))
+        # Detached views of the parameters: in-place writes from worker threads need no autograd state.
+        self._targets = dict(self.model.state_dict())
         log.info("resident merger on %s: %d models, placement all-on-device", self.device, len(self.pool))
 
     def materialize(self, recipe: Recipe, *, seed: int | None = None):
@@ -85,14 +88,21 @@ class ResidentMerger:
                 f"recipe has {plan.num_layers} layers, the live model {self.pool[self.base].num_layers}; "
                 "layer-path candidates are not materialized in place yet"
             )
+        missing = [job.out_name for job in plan.jobs if job.out_name not in self._targets]
+        if missing:
+            raise MaterializeError(f"the live model has no tensor {missing[0]!r}")
+
+        def write(job, out) -> None:
+            if not bool(torch.isfinite(out).all()):
+                raise MaterializeError(f"candidate tensor {job.out_name} has NaN or Inf values")
+            self._targets[job.out_name].copy_(out)
+
         seed = seed if seed is not None else (recipe.random_seed or 0)
-        with torch.no_grad():
-            for job in plan.jobs:
-                target = self._targets.get(job.out_name)
-                if target is None:
-                    raise MaterializeError(f"the live model has no tensor {job.out_name!r}")
-                out = run_job(plan, job, self.device, seed)
-                if not bool(torch.isfinite(out).all()):
-                    raise MaterializeError(f"candidate tensor {job.out_name} has NaN or Inf values")
-                target.copy_(out)
+        intra = torch.get_num_threads()
+        if self.threads > 1:
+            torch.set_num_threads(1)
+        try:
+            run_jobs(plan, write, device=self.device, seed=seed, threads=self.threads)
+        finally:
+            torch.set_num_threads(intra)
         return self.model

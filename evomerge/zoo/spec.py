@@ -122,7 +122,7 @@ LM_SIZES: dict[str, LMZooSpec] = {
         num_heads=16,
         intermediate_size=2816,
         tasks=(
-            TaskSpec("add", 1, 2),
+            TaskSpec("shift", 4, 8),
             TaskSpec("rev", 5, 9),
             TaskSpec("sort", 4, 8),
         ),
