@@ -38,13 +38,6 @@ class CheckResult:
         return {m: sum(row[t] for t in self.tasks) / len(self.tasks) for m, row in self.table.items()}
 
 
-def _load_state(path, dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
 def check_zoo(
     zoo: ZooInfo,
     *,
@@ -56,54 +49,38 @@ def check_zoo(
 ) -> CheckResult:
     """Score base, fine-tunes and ``merges`` of ``zoo`` on ``split`` with lm-eval.
 
-    One live model and one lm-eval wrapper are reused: each candidate's weights
-    are copied into the model in place before its evaluation.
+    Every candidate, sources included, is a recipe materialized in place into
+    one live model by a ResidentMerger and scored by one lm_eval evaluator, as
+    a search scores its candidates.
     """
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from evomerge.methods.registry import apply_method
+    from evomerge.evaluation import build_evaluator
+    from evomerge.materialize.resident import ResidentMerger
+    from evomerge.recipe import Recipe
 
     say = progress or log.info
-    models = zoo.models
+    models = {name: str(path) for name, path in zoo.models.items()}
     finetunes = zoo.finetune_tasks
-    tokenizer = AutoTokenizer.from_pretrained(str(models["base"]))
-    live = AutoModelForCausalLM.from_pretrained(str(models["base"]), dtype=torch.float32).eval()
-    lm = HFLM(pretrained=live, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=str(zoo.tasks_dir), include_defaults=False)
-    names = [task_name(t, split) for t in finetunes]
+    merger = ResidentMerger(models["base"], [models[t] for t in finetunes])
+    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    names = {t: task_name(t) for t in finetunes}
+    evaluator = build_evaluator({"type": "lm_eval", "tasks": list(names.values()), "include_path": str(zoo.tasks_dir),
+                                 "split": split, "limit": limit, "batch_size": batch_size, "metric": "exact_match"})
 
-    states = {name: _load_state(models[name], torch.float32) for name in ["base", *finetunes]}
-
-    def score(label: str, state) -> dict[str, float]:
+    def score(label: str, recipe: dict) -> dict[str, float]:
         say(f"lm-eval: {label}")
-        live.load_state_dict(state)
-        out = simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-        )
-        return {t: float(out["results"][n]["exact_match,none"]) for t, n in zip(finetunes, names)}
+        model = merger.materialize(Recipe.model_validate(recipe))
+        metrics = evaluator(model, tokenizer)
+        return {t: metrics[f"{n}/exact_match"] for t, n in names.items()}
 
-    table = {name: score(name, states[name]) for name in ["base", *finetunes]}
-    base = states["base"]
+    def alone(name: str) -> dict:
+        return {"merge_method": "passthrough", "models": [{"model": models[name]}]}
+
+    table = {name: score(name, alone(name)) for name in ["base", *finetunes]}
     for label, method, per_model, global_params in merges:
-        merged = {
-            k: apply_method(
-                method,
-                base[k],
-                [states[t][k] for t in finetunes],
-                [dict(per_model) for _ in finetunes],
-                global_params,
-            )
-            for k in base
-        }
-        table[label] = score(label, merged)
+        table[label] = score(label, {
+            "merge_method": method, "base_model": models["base"], "parameters": dict(global_params),
+            "models": [{"model": models[t], "parameters": dict(per_model)} for t in finetunes],
+        })
     return CheckResult(split, finetunes, table, verify(table, finetunes))
