@@ -165,7 +165,7 @@ class ModelDir:
 
         info = self.info(name)
         if self._pickle:
-            return self._pickled[name]
+            return self._pickled[name].clone()  # the loaded state is memory-mapped and shared
         fd = self._fds.get(info.file)
         if fd is None:
             with self._lock:
@@ -192,7 +192,8 @@ class ModelDir:
         self._fds.clear()
 
     def __del__(self) -> None:
-        self.close() if hasattr(self, "_fds") else None
+        if hasattr(self, "_fds"):
+            self.close()
 
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, {len(self.infos)} tensors, {self.arch.family})"

@@ -19,7 +19,6 @@ from evomerge.errors import EvomergeError
 from evomerge.fsutil import atomic_dir
 from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
 from evomerge.materialize.plan import MergePlan, TensorJob, open_models, plan_merge
-from evomerge.methods.registry import apply_method
 from evomerge.recipe import Recipe
 
 TOKENIZER_FILES = (
@@ -52,7 +51,7 @@ def run_job(plan: MergePlan, job: TensorJob, device: str = "cpu", seed: int = 0)
     if plan.method.random:
         generator = torch.Generator(device=device).manual_seed(job_seed(seed, job.out_name))
     try:
-        out = apply_method(plan.method.name, base, tensors, job.source_params, job.global_params, generator)
+        out = plan.method.run(base, tensors, job.kwargs, generator)
     except ValueError as exc:
         raise EvomergeError(f"{job.out_name}: {exc}") from None
     return out.to(getattr(torch, job.dtype))

@@ -25,10 +25,9 @@ class TensorJob:
     out_name: str
     base: tuple[str, str] | None  # (model, tensor name)
     sources: tuple[tuple[str, str], ...]
-    source_params: tuple[dict[str, Any], ...]
-    global_params: dict[str, Any]
     shape: tuple[int, ...]
     dtype: str  # output dtype
+    kwargs: dict[str, Any]  # the kernel's arguments, resolved and validated once at planning
 
 
 @dataclass
@@ -111,16 +110,13 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
         # The base (else the first source) says which tensors a layer has, so a
         # source lacking one is reported instead of the tensor being dropped.
         lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
-        lead_arch = models[lead.model].arch
+        suffixes: dict[int, list[str]] = {}
+        for parts in map(models[lead.model].arch.split, models[lead.model].names):
+            if parts is not None:
+                suffixes.setdefault(parts[0], []).append(parts[1])
         for j in range(sl.length):
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
-            layer_in = lead.layer_range[0] + j
-            suffixes = [
-                parts[1]
-                for parts in map(lead_arch.split, models[lead.model].names)
-                if parts is not None and parts[0] == layer_in
-            ]
-            for suffix in suffixes:
+            for suffix in suffixes.get(lead.layer_range[0] + j, []):
                 names = [models[s.model].arch.layer_name(s.layer_range[0] + j, suffix) for s in sl.sources]
                 add(arch.layer_name(offset + j, suffix), sl, names, t, f"slices[{si}]")
         offset += sl.length
@@ -187,8 +183,7 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
         out_name=out_name,
         base=base_ref,
         sources=tuple(sources),
-        source_params=tuple(params),
-        global_params=global_params,
         shape=next(iter(shapes.values())),
         dtype=recipe.out_dtype or recipe.dtype or ref_dtype,
+        kwargs=method.kwargs(params, global_params),
     )

@@ -33,6 +33,19 @@ class MergeMethod:
     min_sources: int = 1
     max_sources: int | None = None
 
+    def run(self, base, tensors: Sequence, kwargs: dict[str, Any], generator=None):
+        """Call the kernel with complete, already validated keyword arguments."""
+        if self.random:
+            kwargs = {**kwargs, "generator": generator}
+        return self.kernel(base, list(tensors), **kwargs)
+
+    def kwargs(self, source_params: Sequence[dict[str, Any]], global_params: dict[str, Any]) -> dict[str, Any]:
+        """Kernel keyword arguments from resolved per-source and global parameters."""
+        out: dict[str, Any] = {key: [p[key] for p in source_params] for key in self.source_params}
+        for key in self.global_params:
+            out["lambda_" if key == "lambda" else key] = global_params[key]
+        return out
+
 
 METHODS: dict[str, MergeMethod] = {}
 
@@ -110,6 +123,4 @@ def apply_method(
         if value is REQUIRED:
             raise EvomergeError(f"{name}: parameter {key!r} is required")
         kwargs["lambda_" if key == "lambda" else key] = value
-    if method.random:
-        kwargs["generator"] = generator
-    return method.kernel(base, list(tensors), **kwargs)
+    return method.run(base, tensors, kwargs, generator)

@@ -34,9 +34,6 @@ class CheckResult:
     table: dict[str, dict[str, float]]
     verdict: dict
 
-    def averages(self) -> dict[str, float]:
-        return {m: sum(row[t] for t in self.tasks) / len(self.tasks) for m, row in self.table.items()}
-
 
 def check_zoo(
     zoo: ZooInfo,
