@@ -140,6 +140,191 @@ def merge(
     console.print(f"merged model written to [bold]{out_dir}[/]")
 
 
+def _make_executor(workers: int | None, address: str | None, local: bool):
+    """Executor factory for the runner: Ray actors (default) or this process (--local)."""
+    from evomerge.run.executor import LocalExecutor, RayExecutor
+
+    def factory(space):
+        data = space.model_dump(mode="json")
+        if local:
+            return LocalExecutor(data, device=space.device)
+        return RayExecutor(data, workers or space.workers, address=address, device=space.device)
+
+    return factory
+
+
+def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool, export: bool) -> None:
+    """Run (or continue) the search in ``run_dir`` with a live display, then export the best model."""
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.console import Group
+
+    from evomerge.run.export import export_run
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.runner import Runner
+
+    run = RunDir.open(run_dir)
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console)
+    task = bar.add_task("starting workers (loading models and evaluators)", total=None)
+    live = Live(Group(bar), console=console, refresh_per_second=4, transient=False)
+
+    def show(p) -> None:
+        best = "—" if p.best is None else f"{p.best.fitness[0]:.4f} (#{p.best.id})"
+        bar.update(task, completed=p.done, total=p.total,
+                   description=f"best {best} · {p.evals_per_min:.1f} evals/min · failed {p.failed}")
+        states = "  ".join(f"w{w}: {s}" for w, s in sorted(p.workers.items()))
+        live.update(Group(bar, f"[dim]{states}[/]"))
+
+    try:
+        with live:
+            progress = Runner(run, _make_executor(workers, address, local), on_event=show).run()
+        if not console.is_terminal:
+            console.line()  # rich leaves a non-terminal live display's last line open
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]; nothing finished is lost. Continue with: evomerge resume {run_dir}")
+        raise typer.Exit(130) from None
+    best = progress.best
+    console.print(f"{progress.done} evaluations, {progress.failed} failed; "
+                  + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
+    if export and best is not None:
+        with console.status("exporting the best candidate") as status:
+            scores = export_run(run, run.best_dir, force=True, progress=status.update)
+        test = scores.get("test", {}).get("fitness")
+        console.print(f"best model exported to [bold]{run.best_dir}[/]" + (f" (test split: {test})" if test else ""))
+    out_console.print(str(run.path))
+
+
+@app.command("search")
+def search(
+    space_file: Path = typer.Argument(..., help="Search-space YAML (see search_spaces/)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory to create (default: runs/NAME, NAME from the space)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Evaluations to run (overrides the space)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers, each holding the models (overrides the space)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (e.g. auto, ray://host:10001) instead of starting a local one."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the optimizer and of DARE masks (overrides the space)."),
+    local: bool = typer.Option(False, "--local", help="Evaluate in this process, one worker, without Ray (debugging)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the genome layout and a decoded example, then stop."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Export the best model to RUN_DIR/best when done."),
+) -> None:
+    """Evolve merge recipes over a search space and export the best merged model.
+
+    Resolves the space's models (building zoo: models on first use), freezes the
+    resolved space into RUN_DIR/config.yaml, then asks the optimizer for
+    candidates, merges each in place on a worker, scores it with the
+    objective's evaluators and journals it. Interrupt any time (Ctrl-C, a crash,
+    kill -9): `evomerge resume RUN_DIR` continues without losing or repeating
+    finished evaluations.
+    """
+    from evomerge.run.rundir import RunDir
+    from evomerge.spaces.space import SearchSpace
+
+    space = SearchSpace.from_file(space_file).with_overrides(budget=budget, workers=workers, seed=seed)
+    with console.status("resolving models") as status:
+        space = space.resolved(relative_to=space_file.parent, progress=status.update)
+        genome = space.build_genome() if space.genome.type != "staged" else None
+    if dry_run:
+        _print_genome(space, genome)
+        return
+    run_dir = run_dir or Path("runs") / space.name
+    RunDir.create(run_dir, space)
+    console.print(f"run directory [bold]{run_dir}[/]")
+    _drive(run_dir, workers, address, local, export)
+
+
+@app.command("resume")
+def resume(
+    run_dir: Path = typer.Argument(..., help="Run directory of an interrupted (or finished) search."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Raise the total number of evaluations."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers for the rest of the run."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one."),
+    local: bool = typer.Option(False, "--local", help="Evaluate in this process, one worker, without Ray."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Export the best model to RUN_DIR/best when done."),
+) -> None:
+    """Continue a search after any interruption, kill -9 included.
+
+    Finished evaluations are read from the journal (never re-run); candidates
+    that were in flight are evaluated again with the same genome and id.
+    """
+    from evomerge.run.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    space = run.space()
+    if budget is not None:
+        if budget < space.budget:
+            raise EvomergeError(f"--budget {budget} is below the run's budget {space.budget}; it can only grow")
+        run.save_space(space.with_overrides(budget=budget))
+    _drive(run_dir, workers, address, local, export)
+
+
+@app.command("status")
+def status(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    top: int = typer.Option(5, "--top", help="Best candidates to list."),
+) -> None:
+    """Show a run's progress: counts, failures and its best candidates."""
+    from evomerge.run.rundir import RunDir
+    from evomerge.run.runner import ranked
+
+    run = RunDir.open(run_dir)
+    space = run.space()
+    journal = run.journal()
+    failed = [e for e in journal if not e.ok]
+    names = [f.name for f in space.objective.fitness]
+    out_console.print(f"[bold]{run.path}[/]: {len(journal)}/{space.budget} evaluations, {len(failed)} failed, "
+                      f"optimizer {space.optimizer.name}, genome {space.genome.type}")
+    grid = Table(title=f"best {top} (validation)")
+    for col in ["rank", "id", *names, "layers", "seconds"]:
+        grid.add_column(col, justify="right")
+    for rank, e in enumerate(ranked(journal, space.objective.directions)[:top], 1):
+        grid.add_row(str(rank), str(e.id), *(f"{v:.4f}" for v in e.fitness),
+                     f"{e.metrics.get('merge/num_layers', 0):.0f}", f"{e.seconds:.1f}")
+    out_console.print(grid)
+    for e in failed[-3:]:
+        out_console.print(f"[red]#{e.id} {e.status}[/]: {e.error}", soft_wrap=True, highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    out_dir: Path = typer.Argument(..., help="Output Hugging Face model directory."),
+    rank: int = typer.Option(1, "--rank", help="Which candidate: 1 = best, 2 = second best, ..."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
+    score: bool = typer.Option(True, "--score/--no-score", help="Score the export on the test split for the model card."),
+) -> None:
+    """Export a run's candidate as a Hugging Face model directory.
+
+    Writes the merged weights, config and tokenizer, recipe.yaml (mergekit
+    format: `mergekit-yaml recipe.yaml OUT` rebuilds it), scores.json and a
+    model card with validation and test-split scores.
+    """
+    from evomerge.run.export import export_run
+    from evomerge.run.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    with console.status("exporting") as st:
+        scores = export_run(run, out_dir, rank=rank, force=force, score=score, progress=st.update)
+    test = scores.get("test", {}).get("fitness")
+    console.print(f"candidate #{scores['candidate']} exported to [bold]{out_dir}[/]"
+                  + (f" (test split: {test})" if test else ""))
+
+
+def _print_genome(space, genome) -> None:
+    import numpy as np
+
+    if genome is None:
+        out_console.print("staged genome: stage 1 is a parameter search, stage 2 a data-flow search over its winner")
+        genome = space.stage(0).build_genome()
+    grid = Table(title=f"genome: {genome.dim} genes ({space.genome.type})")
+    for col in ("#", "gene", "low", "high"):
+        grid.add_column(col)
+    for i, g in enumerate(genome.genes):
+        grid.add_row(str(i), g.name, f"{g.low:g}", f"{g.high:g}")
+    out_console.print(grid)
+    out_console.print("decoded example (every gene at 0.5):")
+    out_console.print(genome.decode(np.full(genome.dim, 0.5)).to_yaml(), highlight=False)
+
+
 def _print_table(title: str, table: dict[str, dict[str, float]], tasks: list[str]) -> None:
     grid = Table(title=title)
     grid.add_column("model")
@@ -166,6 +351,8 @@ def _print_verdict(v: dict) -> None:
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # lm-eval warns on every in-process model wrap, which evomerge does by design.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     # The CLI shows its own rich progress; the libraries' tqdm bars would interleave with it.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

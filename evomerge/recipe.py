@@ -17,9 +17,10 @@ import math
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
+from evomerge.yamlconfig import parse_yaml, read_text, validate
 
 DTYPES = ("float32", "float16", "bfloat16")
 NO_MATCH = object()
@@ -145,30 +146,12 @@ class Recipe(_Strict):
     @classmethod
     def from_yaml(cls, text: str, source: str = "<recipe>") -> Recipe:
         """Parse and validate mergekit YAML; errors name the line and key at fault."""
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise EvomergeError(f"{source}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{source}: expected a mapping of merge settings at the top level")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise EvomergeError(_explain(exc, text, source)) from None
+        return validate(cls, parse_yaml(text, source), text, source)
 
     @classmethod
     def from_file(cls, path) -> Recipe:
         """Read a recipe YAML file."""
-        from pathlib import Path
-
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
-        return cls.from_yaml(text, str(path))
+        return cls.from_yaml(read_text(path), str(path))
 
     def to_dict(self) -> dict:
         """Plain data in mergekit's layout (unset optional keys omitted)."""
@@ -198,49 +181,6 @@ class Recipe(_Strict):
             if name is not None and name not in seen:
                 seen.append(name)
         return seen
-
-
-def _explain(exc: ValidationError, text: str, source: str) -> str:
-    """One line per problem: ``file: line N: key.path: message``."""
-    lines = []
-    for err in exc.errors()[:5]:
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple[")))]
-        line = _line_of(text, loc)
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key; valid keys here: {', '.join(_valid_keys(loc))}"
-        lines.append(f"{source}:{f' line {line}:' if line else ''} {key}: {msg}")
-    return "\n".join(lines)
-
-
-def _valid_keys(loc: list) -> list[str]:
-    depth = [p for p in loc[:-1] if isinstance(p, str)]
-    model = {(): Recipe, ("models",): InputModel, ("slices",): OutputSlice, ("slices", "sources"): SliceSource}
-    cls = model.get(tuple(depth), Recipe)
-    return list(cls.model_fields)
-
-
-def _line_of(text: str, loc: list) -> int | None:
-    """1-based line of the YAML node at ``loc`` (as deep as it exists)."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == key), None)
-            if match is None:
-                break
-            line = match[0].start_mark.line + 1
-            node = match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
 
 
 # -- parameter lookup ---------------------------------------------------------

@@ -44,7 +44,6 @@ class LMEvalEvaluator(Evaluator):
         self.metric = metric
         self._lm = None
         self._tasks = None
-        self._manager = None
 
     def setup(self, model, tokenizer) -> None:
         from lm_eval.models.huggingface import HFLM
@@ -66,12 +65,14 @@ class LMEvalEvaluator(Evaluator):
             raise EvomergeError(f"lm_eval: cannot load tasks {self.task_names}: {exc}") from exc
         if loaded["groups"]:
             raise EvomergeError(f"lm_eval: {sorted(loaded['groups'])[0]!r} is a group; list its tasks instead")
-        tasks = loaded["tasks"]
-        for name, task in tasks.items():
+        for name, task in loaded["tasks"].items():
             self._select_split(name, task)
-        self._tasks = tasks
-        self._manager = manager  # simple_evaluate re-indexes every bundled YAML (~20 s) without it
-        self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            if self.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=self.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+        self._tasks = loaded
+        self._lm = _quiet(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
 
     def _select_split(self, name: str, task) -> None:
         """Make ``eval_docs`` return the chosen split (lm-eval prefers test when it is set)."""
@@ -84,21 +85,14 @@ class LMEvalEvaluator(Evaluator):
             raise EvomergeError(f"lm_eval: task {name!r} has no test split")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
-        from lm_eval import simple_evaluate
+        from lm_eval.evaluator import evaluate
 
         if self._lm is None:
             self.setup(model, tokenizer)
-        out = simple_evaluate(
-            model=self._lm,
-            tasks=list(self._tasks.values()),
-            task_manager=self._manager,
-            limit=self.limit,
-            num_fewshot=self.num_fewshot,
-            log_samples=False,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-            use_cache=None,
-        )
+        # lm-eval's core evaluate() on tasks built once: simple_evaluate would re-load the
+        # tasks and collect environment info (a git subprocess) on every candidate.
+        out = evaluate(lm=self._lm, task_dict=self._tasks, limit=self.limit, log_samples=False,
+                       bootstrap_iters=0, verbosity="ERROR")
         metrics: dict[str, float] = {}
         for task, results in out["results"].items():
             for key, value in results.items():
@@ -109,3 +103,19 @@ class LMEvalEvaluator(Evaluator):
                 if self.metric is None or metric == self.metric:
                     metrics[f"{task}/{metric}"] = float(value)
         return metrics
+
+
+def _quiet(hflm_class):
+    """HFLM whose request loops show no tqdm bar (lm-eval's evaluator cannot turn them off)."""
+
+    class QuietHFLM(hflm_class):
+        def loglikelihood(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM

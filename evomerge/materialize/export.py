@@ -104,13 +104,16 @@ def merge_to_dir(
     max_shard_size: str | int = "5GB",
     recipe_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Merge ``recipe`` into an HF model directory at ``out_dir``.
 
     Everything is validated before writing. ``out_dir`` is replaced only with
     ``force`` and only once the new model is complete. ``seed`` (or the recipe's
     ``random_seed``, else 0) drives DARE/DELLA masks per tensor. ``progress`` is
-    called with (tensors done, total).
+    called with (tensors done, total). ``finalize`` gets the complete temp
+    directory before it is renamed into place (e.g. to score the model and add
+    the scores), so a failure there leaves nothing half-written either.
     """
     import torch
 
@@ -145,6 +148,8 @@ def merge_to_dir(
         _copy_tokenizer(plan, tmp)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(plan))
+        if finalize is not None:
+            finalize(tmp)
     return out_dir
 
 

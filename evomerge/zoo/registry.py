@@ -96,3 +96,31 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
         raise EvomergeError(f"{out}: directory is not empty and is not an evomerge zoo; choose another --out")
     shutil.rmtree(out)
     return None
+
+
+#: Prefix of model references that name a member of the embedded zoo, e.g. ``zoo:lm/small/shift``.
+ZOO_PREFIX = "zoo:"
+
+
+def resolve_zoo_ref(ref: str, *, seed: int = 0, progress=None) -> Path:
+    """Path of ``zoo:KIND/SIZE/MEMBER``, building the zoo into the cache on first use.
+
+    MEMBER is a model of the zoo (``base`` or a fine-tune task name) or ``tasks``
+    (the lm-eval task directory, for an evaluator's ``include_path``).
+    """
+    parts = ref[len(ZOO_PREFIX):].strip("/").split("/")
+    if len(parts) != 3 or not all(parts):
+        raise EvomergeError(f"{ref!r}: a zoo reference is zoo:KIND/SIZE/MEMBER, e.g. zoo:lm/small/shift")
+    kind, size, member = parts
+    from evomerge.zoo import ZOO_KINDS, build_zoo
+
+    if kind not in ZOO_KINDS or size not in ZOO_KINDS[kind]:
+        known = ", ".join(f"{k}/{s}" for k, sizes in ZOO_KINDS.items() for s in sizes)
+        raise EvomergeError(f"{ref!r}: unknown zoo {kind}/{size}; known: {known}")
+    path = default_zoo_dir(kind, size, seed)
+    info = build_zoo(kind, size, path, seed=seed, progress=progress)  # reuses an identical zoo at once
+    if member == "tasks":
+        return info.tasks_dir
+    if member not in info.models:
+        raise EvomergeError(f"{ref!r}: the {kind}/{size} zoo has no model {member!r}; it has {', '.join(info.models)}")
+    return info.models[member]

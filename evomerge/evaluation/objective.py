@@ -1,0 +1,91 @@
+"""The objective of a search: which evaluators run and how their metrics become fitness.
+
+Declared in a search space's ``objective`` section::
+
+    objective:
+      evaluators:
+        - type: lm_eval
+          include_path: zoo:lm/small/tasks
+          tasks: [zoo_shift, zoo_rev, zoo_sort]
+          limit: 64
+      fitness:
+        - name: exact_match
+          direction: maximize
+          metrics: [zoo_shift/exact_match, zoo_rev/exact_match, zoo_sort/exact_match]
+
+Each fitness entry is one objective (several → multi-objective search, e.g. with
+NSGA-II). ``metrics`` is a list (plain mean) or a ``{metric: weight}`` map
+(weighted mean, or ``aggregate: sum`` for a weighted sum). Besides the
+evaluators' metrics, the worker reports ``merge/num_layers`` (the candidate's
+decoder depth), so "score vs. merged layer count" needs no evaluator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Metrics every candidate has, whatever the evaluators.
+BUILTIN_METRICS = ("merge/num_layers",)
+
+
+class Fitness(BaseModel):
+    """One objective: an aggregate of metrics and the direction that is better."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    direction: Literal["maximize", "minimize"]
+    metrics: dict[str, float]
+    aggregate: Literal["mean", "sum"] = "mean"
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            v = {m: 1.0 for m in v}
+        if isinstance(v, dict) and not v:
+            raise ValueError("list at least one metric")
+        return v
+
+    def value(self, metrics: dict[str, float]) -> float:
+        """This objective's value for a candidate's metrics (all named metrics must be present)."""
+        total = sum(w * metrics[m] for m, w in self.metrics.items())
+        return total / sum(self.metrics.values()) if self.aggregate == "mean" else total
+
+
+class Objective(BaseModel):
+    """Evaluator configs (validated by the evaluator registry when built) and fitness entries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    evaluators: list[dict[str, Any]] = Field(min_length=1)
+    fitness: list[Fitness] = Field(min_length=1)
+
+    @field_validator("evaluators")
+    @classmethod
+    def _typed(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, spec in enumerate(v):
+            if "type" not in spec:
+                raise ValueError(f"evaluator {i} needs a 'type' (e.g. lm_eval, entropy, perplexity, python)")
+        return v
+
+    @property
+    def directions(self) -> list[str]:
+        return [f.direction for f in self.fitness]
+
+    def values(self, metrics: dict[str, float]) -> list[float]:
+        """Fitness values, one per objective; a metric missing from ``metrics`` is a KeyError naming it."""
+        missing = sorted({m for f in self.fitness for m in f.metrics} - set(metrics))
+        if missing:
+            raise KeyError(
+                f"fitness needs metric {missing[0]!r}, the evaluators gave: {', '.join(sorted(metrics))}"
+            )
+        return [f.value(metrics) for f in self.fitness]
+
+    def for_split(self, split: str) -> list[dict[str, Any]]:
+        """The evaluator configs with every lm_eval evaluator switched to ``split`` (reports use ``test``)."""
+        return [{**spec, "split": split} if spec["type"] == "lm_eval" else dict(spec) for spec in self.evaluators]

@@ -1,0 +1,193 @@
+"""Where candidates are evaluated: a pool of Ray actors, or this process.
+
+The Ray pool is driven by an explicit ``ray.wait`` over in-flight evaluations
+(not ``ray.util.ActorPool``, whose stuck-pool and dead-actor bugs we cannot
+afford): a worker is refilled the moment it finishes, and a dead worker is
+reported so the runner can replace it and retry its candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.run.worker import EvalWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """An asked genome on its way to a worker."""
+
+    id: int
+    x: np.ndarray
+    genes: dict[str, float]
+    recipe: dict[str, Any]
+    attempts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Finished:
+    """A worker's answer: a result dict, or ``lost`` when the worker died on the way."""
+
+    worker: int
+    candidate: Candidate
+    result: dict[str, Any] | None
+    lost: str | None = None
+
+
+class Executor(ABC):
+    """Runs candidates on ``workers`` workers; the runner decides what runs where."""
+
+    workers: int
+    device: str
+
+    @abstractmethod
+    def start(self) -> list[dict[str, Any]]:
+        """Start every worker; returns their ``info()`` dicts."""
+
+    @abstractmethod
+    def submit(self, worker: int, candidate: Candidate) -> None:
+        """Start evaluating ``candidate`` on the idle ``worker``."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> list[Finished]:
+        """Finished evaluations, waiting at most ``timeout`` seconds for the first."""
+
+    @abstractmethod
+    def replace(self, worker: int) -> dict[str, Any]:
+        """Start a fresh worker in place of a dead one."""
+
+    def shutdown(self) -> None:
+        """Stop the workers (in-flight evaluations are abandoned; resume re-runs them)."""
+
+
+def _started(info: dict[str, Any]) -> dict[str, Any]:
+    if "error" in info:
+        raise EvomergeError(info["error"])
+    return info
+
+
+class LocalExecutor(Executor):
+    """One worker in this process, evaluating synchronously (debugging, small CI runs)."""
+
+    def __init__(self, space: dict[str, Any], *, device: str | None = None) -> None:
+        import torch
+
+        self.workers = 1
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._worker = EvalWorker(space, 0, device=self.device)
+        self._queue: list[Candidate] = []
+
+    def start(self) -> list[dict[str, Any]]:
+        return [_started(self._worker.start())]
+
+    def submit(self, worker: int, candidate: Candidate) -> None:
+        self._queue.append(candidate)
+
+    def wait(self, timeout: float) -> list[Finished]:
+        done = [Finished(0, c, self._worker.evaluate(c.id, c.recipe)) for c in self._queue]
+        self._queue.clear()
+        return done
+
+    def replace(self, worker: int) -> dict[str, Any]:
+        raise EvomergeError("the in-process worker cannot be replaced")
+
+
+class RayExecutor(Executor):
+    """A pool of ``EvalWorker`` Ray actors on a local or existing Ray cluster."""
+
+    def __init__(self, space: dict[str, Any], workers: int, *, address: str | None = None,
+                 device: str | None = None) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
+                                          logging_level=logging.WARNING, configure_logging=False)
+            if address is None:
+                # a local cluster sized to this machine; joining one takes its own resources
+                kwargs["num_cpus"] = os.cpu_count() or 1
+            ray.init(address=address, **kwargs)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        self.device = device or ("cuda" if gpus > 0 else "cpu")
+        if self.device == "cuda" and gpus < 1:
+            raise EvomergeError("device cuda was asked for, but the Ray cluster has no GPUs")
+        self.workers = workers
+        cpus = max(1.0, resources.get("CPU", 1.0))
+        self._threads = max(1, int(cpus // workers))
+        self._options = {"num_cpus": min(1.0, cpus / workers), "num_gpus": 1 if self.device == "cuda" else 0,
+                         "max_restarts": 0, "max_concurrency": 1}
+        self._space = space
+        self._actors: list[Any] = [None] * workers
+        self._inflight: dict[Any, tuple[int, Candidate]] = {}
+
+    def _spawn(self, worker: int):
+        import ray
+
+        cls = ray.remote(EvalWorker).options(**self._options)
+        actor = cls.remote(self._space, worker, device=self.device, threads=self._threads)
+        self._actors[worker] = actor
+        return actor.start.remote()
+
+    def start(self) -> list[dict[str, Any]]:
+        import ray
+
+        refs = [self._spawn(i) for i in range(self.workers)]
+        try:
+            return [_started(info) for info in ray.get(refs)]
+        except ray.exceptions.RayError as exc:
+            raise EvomergeError(f"a worker failed to start: {_first_line(exc)}") from None
+
+    def submit(self, worker: int, candidate: Candidate) -> None:
+        ref = self._actors[worker].evaluate.remote(candidate.id, candidate.recipe)
+        self._inflight[ref] = (worker, candidate)
+
+    def wait(self, timeout: float) -> list[Finished]:
+        import ray
+
+        if not self._inflight:
+            return []
+        ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+        out = []
+        for ref in ready:
+            worker, candidate = self._inflight.pop(ref)
+            try:
+                out.append(Finished(worker, candidate, ray.get(ref)))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                out.append(Finished(worker, candidate, None, lost=_first_line(exc)))
+            except ray.exceptions.RayTaskError as exc:  # a bug escaping evaluate(): the candidate's failure
+                out.append(Finished(worker, candidate, {"status": "failed", "error": _first_line(exc), "metrics": {},
+                                                        "worker": worker, "seconds": 0.0}))
+        return out
+
+    def replace(self, worker: int) -> dict[str, Any]:
+        import ray
+
+        try:
+            ray.kill(self._actors[worker], no_restart=True)
+        except Exception:  # already gone is fine
+            pass
+        return _started(ray.get(self._spawn(worker)))
+
+    def shutdown(self) -> None:
+        import ray
+
+        self._inflight.clear()  # killing the actors abandons them
+        for actor in self._actors:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,98 @@
+"""Export a run's chosen candidate: merged HF directory, mergekit recipe, test-split scores.
+
+The candidate's recipe is streamed through the merge engine (the same code as
+`evomerge merge`), then the finished directory is loaded with transformers and
+scored with the run's evaluators on the *test* split, so the model card reports
+numbers the search never optimized on. Everything happens in a temp directory
+renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.run.rundir import Evaluation, RunDir
+from evomerge.run.runner import ranked
+
+#: The recipe beside the weights, in mergekit's YAML (`mergekit-yaml recipe.yaml OUT` rebuilds the model).
+RECIPE_YAML = "recipe.yaml"
+SCORES = "scores.json"
+
+
+def choose(run: RunDir, rank: int = 1) -> Evaluation:
+    """The ``rank``-th best successful evaluation of ``run`` (1 = best, by the first objective)."""
+    space = run.space()
+    best = ranked(run.journal(), space.objective.directions)
+    if not best:
+        raise EvomergeError(f"{run.path}: no successful evaluation to export yet")
+    if not 1 <= rank <= len(best):
+        raise EvomergeError(f"--rank {rank}: {run.path} has {len(best)} successful evaluations")
+    return best[rank - 1]
+
+
+def score_dir(path: Path, evaluators: list[dict]) -> dict[str, float]:
+    """Metrics of the HF model at ``path`` under ``evaluators`` (loaded as transformers would)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluation.registry import build_evaluator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    metrics: dict[str, float] = {}
+    for spec in evaluators:
+        evaluator = build_evaluator(spec)
+        evaluator.setup(model, tokenizer)
+        metrics.update(evaluator(model, tokenizer))
+    return metrics
+
+
+def export_run(run: RunDir, out: Path, *, rank: int = 1, force: bool = False, score: bool = True,
+               progress: Callable[[str], None] | None = None) -> dict:
+    """Write the chosen candidate to ``out``; returns the scores written to ``scores.json``."""
+    from evomerge.materialize.export import merge_to_dir
+    from evomerge.recipe import Recipe
+
+    say = progress or (lambda msg: None)
+    space = run.space()
+    chosen = choose(run, rank)
+    recipe = Recipe.model_validate(chosen.recipe)
+    scores: dict = {"candidate": chosen.id, "rank": rank, "genes": chosen.genes,
+                    "validation": {"metrics": chosen.metrics, "fitness": dict(zip(
+                        [f.name for f in space.objective.fitness], chosen.fitness))}}
+
+    def finalize(tmp: Path) -> None:
+        (tmp / RECIPE_YAML).write_text(recipe.to_yaml())
+        if score:
+            say(f"scoring candidate #{chosen.id} on the test split")
+            metrics = score_dir(tmp, space.objective.for_split("test"))
+            metrics["merge/num_layers"] = float(json.loads((tmp / "config.json").read_text()).get(
+                "num_hidden_layers", 0))
+            scores["test"] = {"metrics": metrics}
+            try:
+                scores["test"]["fitness"] = dict(zip([f.name for f in space.objective.fitness],
+                                                     space.objective.values(metrics)))
+            except KeyError:
+                pass  # a fitness built on a metric only the validation evaluators give
+        (tmp / SCORES).write_text(json.dumps(scores, indent=2) + "\n")
+        with open(tmp / "README.md", "a") as card:
+            card.write(_scores_section(run, chosen, scores))
+
+    say(f"merging candidate #{chosen.id}")
+    merge_to_dir(recipe, out, force=force, finalize=finalize)
+    return scores
+
+
+def _scores_section(run: RunDir, chosen: Evaluation, scores: dict) -> str:
+    lines = ["## Search", "", f"Candidate #{chosen.id} of run `{run.path.name}` (evomerge search).", ""]
+    lines += ["| metric | validation (searched on) | test |", "|---|---|---|"]
+    test = scores.get("test", {}).get("metrics", {})
+    for name in sorted(set(chosen.metrics) | set(test)):
+        val = chosen.metrics.get(name)
+        lines.append(f"| {name} | {'' if val is None else f'{val:.4f}'} | "
+                     f"{'' if name not in test else f'{test[name]:.4f}'} |")
+    return "\n".join(lines) + "\n"

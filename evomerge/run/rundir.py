@@ -1,0 +1,160 @@
+"""The run directory: frozen config, append-only journal, optimizer state, best model.
+
+::
+
+    runs/NAME/
+      config.yaml      the resolved search space (absolute paths) + CLI overrides, frozen at start
+      journal.jsonl    one line per finished evaluation (the run's history; never rewritten)
+      optimizer/       optimizer state, replaced atomically after every ask and tell (+ Optuna storage)
+      best/            the exported best model
+
+One writer persists everything: the journal is appended and fsynced line by
+line; state files are replaced with ``os.replace``. A ``kill -9`` can at worst
+leave a torn last journal line (the evaluation in progress), which resume drops
+and re-runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.fsutil import check_writable_parent, write_bytes_atomic
+from evomerge.spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+JOURNAL = "journal.jsonl"
+OPTIMIZER = "optimizer"
+BEST = "best"
+STATUSES = ("ok", "failed", "oom")
+
+
+@dataclass
+class Evaluation:
+    """One finished evaluation, as journaled."""
+
+    id: int
+    genes: dict[str, float]
+    x: list[float]
+    recipe: dict[str, Any]
+    metrics: dict[str, float]
+    fitness: list[float] | None
+    status: str
+    error: str | None = None
+    worker: int | None = None
+    seconds: float = 0.0
+    attempts: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False)
+
+
+class RunDir:
+    """A run directory on disk; see the module doc."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- lifecycle -----------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, space: SearchSpace) -> RunDir:
+        """Start a new run directory; refuses one that already holds a run or other files."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise EvomergeError(
+                f"{path}: already exists; continue it with `evomerge resume {path}` or choose another --run-dir"
+            )
+        check_writable_parent(path)
+        (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.save_space(space)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory (for resume, status, export)."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise EvomergeError(f"{path}: not a run directory (no {CONFIG}); start one with `evomerge search`")
+        return cls(path)
+
+    # -- config --------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    def space(self) -> SearchSpace:
+        """The frozen, resolved search space of this run."""
+        return SearchSpace.from_file(self.config_file)
+
+    def save_space(self, space: SearchSpace) -> None:
+        """Freeze ``space`` (atomically; resume with a larger budget rewrites only ``budget``)."""
+        write_bytes_atomic(self.config_file, space.to_yaml().encode())
+
+    @property
+    def optimizer_dir(self) -> Path:
+        return self.path / OPTIMIZER
+
+    @property
+    def best_dir(self) -> Path:
+        return self.path / BEST
+
+    # -- journal -------------------------------------------------------------
+    @property
+    def journal_file(self) -> Path:
+        return self.path / JOURNAL
+
+    def append(self, evaluation: Evaluation) -> None:
+        """Append one evaluation durably (flushed and fsynced before returning)."""
+        with open(self.journal_file, "a") as f:
+            f.write(evaluation.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def journal(self, *, repair: bool = False) -> list[Evaluation]:
+        """Every journaled evaluation, in order.
+
+        A torn last line (the process died mid-write) is dropped with a warning,
+        and with ``repair`` cut from the file so appends stay line-aligned. A
+        broken line anywhere else is an error naming the line: history is never
+        silently discarded.
+        """
+        if not self.journal_file.exists():
+            return []
+        data = self.journal_file.read_bytes()
+        lines = data.split(b"\n")
+        # Lines are written whole with their newline, so a last piece without one is torn.
+        torn = lines.pop() if lines else b""
+        out: list[Evaluation] = []
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                evaluation = Evaluation(**json.loads(raw))
+                if evaluation.status not in STATUSES:
+                    raise ValueError(f"unknown status {evaluation.status!r}")
+            except (ValueError, TypeError) as exc:
+                raise EvomergeError(
+                    f"{self.journal_file}: line {number} is corrupt ({exc}); "
+                    "fix or delete that line, then resume again (its evaluation will be re-run)"
+                ) from None
+            out.append(evaluation)
+        if torn.strip():
+            log.warning("%s: dropping a torn last line (%d bytes); its evaluation will be re-run",
+                        self.journal_file, len(torn))
+            if repair:
+                with open(self.journal_file, "r+b") as f:
+                    f.truncate(len(data) - len(torn))
+        return out

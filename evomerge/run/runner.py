@@ -1,0 +1,248 @@
+"""The search loop: ask → decode → evaluate on a free worker → journal → tell, and resume.
+
+Every worker is kept busy: as soon as one finishes, the next candidate is
+asked and sent to it. Asynchronous optimizers (Optuna samplers, random) never
+wait for a generation; pycma's generational ``tell`` makes workers idle at the
+end of each generation while the last candidates finish (at most
+``popsize - 1`` worker-slots per generation; keep ``workers`` a divisor of the
+population to limit it).
+
+Persistence order makes resume exact: the optimizer state is saved after every
+ask and every tell, and a result is journaled (fsynced) *before* it is told. So
+after any interruption the journal and the state differ by at most the one
+result being told; resume tells it from the journal, re-runs candidates that
+were asked but never journaled (the in-flight ones) with their original genome
+and id, and goes on. No finished evaluation is lost or repeated; with one
+worker and a fixed seed the resumed journal equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.run.executor import Candidate, Executor, Finished
+from evomerge.run.rundir import Evaluation, RunDir
+from evomerge.spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunProgress:
+    """What the progress display shows; updated after every event."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    best: Evaluation | None = None
+    session_done: int = 0
+    session_start: float = field(default_factory=time.monotonic)
+    workers: dict[int, str] = field(default_factory=dict)
+    retried: int = 0
+
+    @property
+    def evals_per_min(self) -> float:
+        elapsed = time.monotonic() - self.session_start
+        return 60.0 * self.session_done / elapsed if elapsed > 0 else 0.0
+
+
+def better(a: Evaluation, b: Evaluation | None, directions: list[str]) -> bool:
+    """Whether ``a`` beats ``b`` on the first objective (ties: the earlier id wins)."""
+    if b is None:
+        return True
+    sign = 1.0 if directions[0] == "maximize" else -1.0
+    return sign * a.fitness[0] > sign * b.fitness[0]
+
+
+def ranked(evaluations: list[Evaluation], directions: list[str]) -> list[Evaluation]:
+    """Successful evaluations, best first by the first objective (then by id)."""
+    sign = -1.0 if directions[0] == "maximize" else 1.0
+    return sorted((e for e in evaluations if e.ok), key=lambda e: (sign * e.fitness[0], e.id))
+
+
+class Runner:
+    """Drives one run directory to its budget; see the module doc."""
+
+    def __init__(self, run: RunDir, executor_factory: Callable[[SearchSpace], Executor], *,
+                 on_event: Callable[[RunProgress], None] | None = None, max_retries: int = 2) -> None:
+        from evomerge.optimize import build_optimizer
+
+        self.run_dir = run
+        self.space = run.space()
+        self.genome = self.space.build_genome()
+        self.objective = self.space.objective
+        self.on_event = on_event or (lambda progress: None)
+        self.max_retries = max_retries
+        self._executor_factory = executor_factory
+        self.optimizer = build_optimizer(
+            self.space.optimizer.name, dim=self.genome.dim, names=self.genome.names,
+            directions=self.objective.directions, seed=self.space.seed, state_dir=run.optimizer_dir,
+            settings=dict(self.space.optimizer.settings),
+        )
+        self.done: dict[int, Evaluation] = {}
+        self.queue: list[Candidate] = []
+        self.progress = RunProgress(total=self.space.budget)
+
+    # -- resume --------------------------------------------------------------
+    def _recover(self) -> None:
+        """Bring optimizer, journal and queue into agreement (a fresh run is the trivial case)."""
+        journal = self.run_dir.journal(repair=True)
+        ids = [e.id for e in journal]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise EvomergeError(f"{self.run_dir.journal_file}: evaluation {dup} appears twice; the journal was edited")
+        self.done = {e.id: e for e in journal}
+        if self.optimizer.restore():
+            for cid, x in self.optimizer.pending().items():
+                if cid in self.done:  # journaled, but the process died before telling it
+                    self._tell(self.done[cid])
+                else:
+                    self.queue.append(self._candidate(cid, x))
+        elif self.done:
+            self._replay()
+        for e in self.done.values():
+            self._count(e)
+
+    def _replay(self) -> None:
+        """Rebuild a lost optimizer state by asking again and telling the journal's results."""
+        log.warning("%s: no optimizer state; rebuilding it from the journal (%d evaluations)",
+                    self.run_dir.optimizer_dir, len(self.done))
+        mismatched = 0
+        for cid in range(max(self.done) + 1):
+            ask = self.optimizer.ask()
+            if ask is None or ask.id != cid:
+                raise EvomergeError(
+                    f"{self.run_dir.optimizer_dir}: optimizer state is missing and cannot be rebuilt from the journal; "
+                    "start a new run (the journal stays readable with `evomerge status`)"
+                )
+            if cid in self.done:
+                mismatched += not np.allclose(ask.x, self.done[cid].x)
+                self._tell(self.done[cid])
+            else:
+                self.queue.append(self._candidate(cid, ask.x))
+        self.optimizer.save()
+        if mismatched:
+            log.warning("%d replayed genomes differ from the journal's (parallel run); their scores were told anyway",
+                        mismatched)
+
+    # -- candidates ----------------------------------------------------------
+    def _candidate(self, cid: int, x) -> Candidate:
+        x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+        genes = self.genome.values(x)
+        try:
+            recipe = self.genome.decode(x).to_dict()
+        except EvomergeError as exc:
+            return Candidate(cid, x, genes, {}, extra={"decode_error": str(exc)})
+        return Candidate(cid, x, genes, recipe)
+
+    def _tell(self, evaluation: Evaluation) -> None:
+        self.optimizer.tell(evaluation.id, evaluation.fitness if evaluation.ok else None)
+        self.optimizer.save()
+
+    def _count(self, e: Evaluation) -> None:
+        self.progress.done = len(self.done)
+        self.progress.failed += not e.ok
+        if e.ok and better(e, self.progress.best, self.objective.directions):
+            self.progress.best = e
+
+    def _record(self, candidate: Candidate, result: dict, *, attempts: int | None = None) -> Evaluation:
+        status, metrics, error = result["status"], result.get("metrics", {}), result.get("error")
+        fitness = None
+        if status == "ok":
+            try:
+                fitness = self.objective.values(metrics)
+            except KeyError as exc:
+                status, error = "failed", str(exc.args[0])
+        evaluation = Evaluation(
+            id=candidate.id, genes=candidate.genes, x=[float(v) for v in candidate.x], recipe=candidate.recipe,
+            metrics=metrics, fitness=fitness, status=status, error=error, worker=result.get("worker"),
+            seconds=round(float(result.get("seconds", 0.0)), 4), attempts=candidate.attempts + 1 if attempts is None else attempts,
+        )
+        self.run_dir.append(evaluation)
+        self._tell(evaluation)
+        self.done[candidate.id] = evaluation
+        self._count(evaluation)
+        self.progress.session_done += 1
+        return evaluation
+
+    # -- loop ----------------------------------------------------------------
+    def run(self) -> RunProgress:
+        """Evaluate until the budget is spent; Ctrl-C stops (resume continues from the journal)."""
+        self._recover()
+        budget = self.space.budget
+        if len(self.done) >= budget and not self.queue:
+            return self.progress
+        executor = self._executor_factory(self.space)
+        try:
+            infos = executor.start()
+            self.progress.session_start = time.monotonic()  # rates count evaluation time, not start-up
+            self.progress.workers = {i["worker"]: f"idle ({i['device']})" for i in infos}
+            self.on_event(self.progress)
+            self._loop(executor, budget)
+        finally:
+            executor.shutdown()
+        return self.progress
+
+    def _next(self, budget: int, inflight: int) -> Candidate | None:
+        if self.queue:
+            return self.queue.pop(0)
+        if len(self.done) + inflight >= budget:
+            return None
+        ask = self.optimizer.ask()
+        if ask is None:  # generational optimizer waiting for this generation's results
+            return None
+        self.optimizer.save()
+        return self._candidate(ask.id, ask.x)
+
+    def _loop(self, executor: Executor, budget: int) -> None:
+        free = list(range(executor.workers))
+        inflight: dict[int, int] = {}
+        workers = self.progress.workers
+        while True:
+            while free:
+                candidate = self._next(budget, len(inflight))
+                if candidate is None:
+                    break
+                if "decode_error" in candidate.extra:
+                    self._record(candidate, {"status": "failed", "error": candidate.extra["decode_error"]})
+                    continue
+                worker = free.pop(0)
+                executor.submit(worker, candidate)
+                inflight[candidate.id] = worker
+                workers[worker] = f"evaluating #{candidate.id}"
+            self.on_event(self.progress)
+            if not inflight:
+                if len(self.done) < budget and not self.queue:
+                    raise EvomergeError("the optimizer stopped asking before the budget was spent")
+                return
+            for finished in executor.wait(timeout=0.5):
+                inflight.pop(finished.candidate.id)
+                self._finish(executor, finished)
+                free.append(finished.worker)
+                workers.setdefault(finished.worker, "idle")
+                if workers[finished.worker].startswith("evaluating"):
+                    workers[finished.worker] = "idle"
+
+    def _finish(self, executor: Executor, finished: Finished) -> None:
+        candidate = finished.candidate
+        if finished.lost is None:
+            self._record(candidate, finished.result)
+            return
+        candidate.attempts += 1
+        self.progress.retried += 1
+        log.warning("worker %d died evaluating #%d (%s)", finished.worker, candidate.id, finished.lost)
+        self.progress.workers[finished.worker] = "restarting"
+        self.on_event(self.progress)
+        executor.replace(finished.worker)
+        if candidate.attempts <= self.max_retries:
+            self.queue.insert(0, candidate)
+        else:
+            self._record(candidate, {"status": "failed", "worker": finished.worker,
+                                     "error": f"worker died {candidate.attempts} times: {finished.lost}"},
+                         attempts=candidate.attempts)

@@ -1,0 +1,93 @@
+"""A search worker: one resident merger and the objective's evaluators, scoring candidates.
+
+The same class runs in-process (``--local``) or as a Ray actor. Everything a
+candidate can do wrong (a recipe the pool cannot build, NaN weights, an
+evaluator that raises or returns non-numbers, out-of-memory) comes back as a
+failed result; the worker stays usable for the next candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EvalWorker:
+    """Holds the live model, tokenizer and evaluators of one worker."""
+
+    def __init__(self, space: dict[str, Any], worker_id: int, *, device: str | None = None, threads: int | None = None) -> None:
+        self.worker_id = worker_id
+        self.pid = os.getpid()
+        self._args = (space, device, threads)
+
+    def start(self) -> dict[str, Any]:
+        """Load the pool and set up the evaluators; returns ``info()``, or ``{"error": msg}`` for bad config.
+
+        Kept out of ``__init__`` so a configuration error reaches the driver as
+        one clear message instead of a dead actor's traceback.
+        """
+        from evomerge.errors import EvomergeError
+
+        try:
+            self._start(*self._args)
+        except EvomergeError as exc:
+            return {"error": str(exc)}
+        return self.info()
+
+    def _start(self, space: dict[str, Any], device: str | None, threads: int | None) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from evomerge.evaluation.registry import build_evaluator
+        from evomerge.materialize.resident import ResidentMerger
+        from evomerge.spaces.space import SearchSpace
+
+        if threads:
+            torch.set_num_threads(threads)
+        space_obj = SearchSpace.model_validate(space)
+        self.merger = ResidentMerger(space_obj.models.base, list(space_obj.models.sources), device=device,
+                                     threads=threads or torch.get_num_threads())
+        self.tokenizer = AutoTokenizer.from_pretrained(space_obj.models.base)
+        self.evaluators = [build_evaluator(spec) for spec in space_obj.objective.evaluators]
+        for evaluator in self.evaluators:
+            evaluator.setup(self.merger.model, self.tokenizer)
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs (shown in the progress display)."""
+        return {"worker": self.worker_id, "pid": self.pid, "device": self.merger.device}
+
+    def evaluate(self, candidate_id: int, recipe: dict[str, Any]) -> dict[str, Any]:
+        """Materialize and score one candidate; never raises for a bad candidate."""
+        import torch
+
+        from evomerge.errors import EvomergeError
+        from evomerge.recipe import Recipe
+
+        start = time.perf_counter()
+        result: dict[str, Any] = {"id": candidate_id, "worker": self.worker_id, "metrics": {}, "error": None}
+        try:
+            model = self.merger.materialize(Recipe.model_validate(recipe))
+            metrics: dict[str, float] = {"merge/num_layers": float(model.config.num_hidden_layers)}
+            for evaluator in self.evaluators:
+                scores = evaluator(model, self.tokenizer)
+                clash = sorted(set(scores) & set(metrics))
+                if clash:
+                    raise EvomergeError(f"two evaluators report metric {clash[0]!r}; rename one")
+                metrics.update(scores)
+            result.update(status="ok", metrics=metrics)
+        except torch.OutOfMemoryError as exc:
+            result.update(status="oom", error=f"out of memory: {exc}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except EvomergeError as exc:
+            result.update(status="failed", error=str(exc))
+        except Exception as exc:  # failures are data: an unexpected bug fails this candidate, not the run
+            log.debug("candidate %d failed:\n%s", candidate_id, traceback.format_exc())
+            result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        result["seconds"] = time.perf_counter() - start
+        return result

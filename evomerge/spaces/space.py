@@ -1,0 +1,161 @@
+"""A search space: the YAML a user writes to launch a search, validated before any heavy work.
+
+::
+
+    name: zoo-small-ties
+    models:
+      base: zoo:lm/small/base          # a path, or zoo:KIND/SIZE/MEMBER
+      sources: [zoo:lm/small/shift, zoo:lm/small/rev, zoo:lm/small/sort]
+    genome: {type: parameter, method: ties, layer_groups: 1}
+    objective: {evaluators: [...], fitness: [...]}     # see evomerge.evaluation.objective
+    optimizer: {name: cmaes}                            # see evomerge.optimize
+    budget: 40                                          # evaluations
+    workers: 1
+    seed: 0
+
+``resolved()`` returns the same space with every reference (models, anchor,
+``include_path``/``path`` settings of evaluators) turned into an absolute path;
+that is what a run directory freezes, so a resumed run never depends on the
+working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.objective import Objective
+from evomerge.spaces.dataflow import DataflowGenomeConfig
+from evomerge.spaces.genome import Genome
+from evomerge.spaces.models import PoolModel, open_pool, resolve_ref
+from evomerge.spaces.parameter import ParameterGenomeConfig
+from evomerge.yamlconfig import parse_yaml, read_text, validate
+
+#: Evaluator settings that name files or directories (resolved like model references).
+PATH_SETTINGS = ("include_path", "path", "data")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Strict):
+    """Base model and the sources merged into it (paths or ``zoo:`` references)."""
+
+    base: str
+    sources: list[str] = Field(min_length=1)
+
+
+class StagedGenomeConfig(_Strict):
+    """Sakana's staged recipe: a parameter-space search, then a data-flow search over its winner."""
+
+    type: Literal["staged"] = "staged"
+    parameter: ParameterGenomeConfig
+    dataflow: DataflowGenomeConfig
+    #: evaluations given to the parameter stage; the rest of ``budget`` goes to the data-flow stage.
+    parameter_budget: int = Field(gt=0)
+
+
+class OptimizerConfig(_Strict):
+    """Which ask/tell backend and its settings (see ``evomerge.optimize``)."""
+
+    name: str = "cmaes"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+GenomeConfig = Annotated[
+    Union[ParameterGenomeConfig, DataflowGenomeConfig, StagedGenomeConfig], Field(discriminator="type")
+]
+
+
+class SearchSpace(_Strict):
+    """See the module doc."""
+
+    name: str
+    description: str = ""
+    models: ModelsConfig
+    genome: GenomeConfig
+    objective: Objective
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: int = Field(gt=0)
+    workers: int = Field(1, ge=1)
+    seed: int = 0
+    #: where workers merge and evaluate: cuda when the cluster has GPUs, else cpu (default: auto).
+    device: Literal["cpu", "cuda"] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SearchSpace:
+        """Read and validate a search-space YAML file."""
+        text = read_text(path)
+        return validate(cls, parse_yaml(text, str(path)), text, str(path))
+
+    def with_overrides(self, **overrides: Any) -> SearchSpace:
+        """A copy with CLI overrides (``None`` values ignored), validated again."""
+        data = self.model_dump(mode="json")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return type(self).model_validate(data)
+        except Exception as exc:  # pydantic's message names the field
+            raise EvomergeError(f"invalid override: {exc}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def resolved(self, *, relative_to: Path | None = None, progress=None) -> SearchSpace:
+        """The space with references made absolute (building zoo models on first use)."""
+        def ref(r: str) -> str:
+            return resolve_ref(r, relative_to=relative_to, progress=progress)
+
+        data = self.model_dump(mode="json")
+        data["models"] = {"base": ref(self.models.base), "sources": [ref(s) for s in self.models.sources]}
+        genome = data["genome"]
+        for g in (genome, genome.get("dataflow") or {}):
+            if g.get("anchor"):
+                g["anchor"] = ref(g["anchor"])
+        for spec in data["objective"]["evaluators"]:
+            for key in PATH_SETTINGS:
+                if isinstance(spec.get(key), str):
+                    spec[key] = ref(spec[key])
+        return type(self).model_validate(data)
+
+    def pool(self) -> tuple[PoolModel, list[PoolModel]]:
+        """Open the (resolved) models: base and sources, checked to be mergeable."""
+        return open_pool(self.models.base, list(self.models.sources))
+
+    def build_genome(self) -> Genome:
+        """The genome of a single-stage space (staged spaces build one per stage)."""
+        if isinstance(self.genome, StagedGenomeConfig):
+            raise EvomergeError("a staged genome runs as two stages; build each stage's genome")
+        base, sources = self.pool()
+        return self.genome.build(base, sources, self.seed)
+
+    def stage(self, index: int, *, winner: str | None = None) -> SearchSpace:
+        """Stage ``index`` (0: parameter, 1: data-flow) of a staged space as a plain space.
+
+        The data-flow stage searches over the parameter stage's exported
+        ``winner`` plus the sources, anchored on the winner unless the space
+        names another anchor.
+        """
+        g = self.genome
+        if not isinstance(g, StagedGenomeConfig):
+            raise EvomergeError("not a staged space")
+        data = self.model_dump(mode="json")
+        if index == 0:
+            data["genome"] = g.parameter.model_dump(mode="json")
+            data["budget"] = g.parameter_budget
+        else:
+            if self.budget <= g.parameter_budget:
+                raise EvomergeError(
+                    f"budget {self.budget} leaves nothing for the data-flow stage after parameter_budget {g.parameter_budget}"
+                )
+            data["genome"] = g.dataflow.model_dump(mode="json")
+            if winner is not None:
+                data["models"]["sources"] = [winner, *self.models.sources]
+                data["genome"]["anchor"] = g.dataflow.anchor or winner
+            data["budget"] = self.budget - g.parameter_budget
+        data["name"] = f"{self.name}-stage{index + 1}"
+        return type(self).model_validate(data)
