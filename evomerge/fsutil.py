@@ -70,12 +70,20 @@ def read_json(file: Path, missing: str) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` via a temp file and ``os.replace``."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temp file and ``os.replace``.
+
+    A crash at any point leaves either the old file or the new one, never a torn
+    mix, which is what resumable state (optimizer checkpoints) relies on.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
