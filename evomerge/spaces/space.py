@@ -120,6 +120,9 @@ class SearchSpace(_Strict):
             for key in PATH_SETTINGS:
                 if isinstance(spec.get(key), str):
                     spec[key] = ref(spec[key])
+            module, sep, fn = str(spec.get("function", "")).rpartition(":")
+            if spec["type"] == "python" and sep and module.endswith(".py"):
+                spec["function"] = f"{ref(module)}:{fn}"
         return type(self).model_validate(data)
 
     def pool(self) -> tuple[PoolModel, list[PoolModel]]:

@@ -1,0 +1,212 @@
+"""The search loop end to end on the tiny zoo: journal, resume (kill -9 included), dead workers, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.errors import EvomergeError
+from evomerge.run.executor import LocalExecutor, RayExecutor
+from evomerge.run.rundir import RunDir
+from evomerge.run.runner import Runner
+from evomerge.spaces.space import SearchSpace
+from search_helpers import comparable, tiny_space
+
+EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
+
+
+def local(space):
+    return LocalExecutor(space.model_dump(mode="json"))
+
+
+def start(path: Path, run: Path, **overrides) -> RunDir:
+    space = SearchSpace.from_file(path).with_overrides(**overrides).resolved()
+    return RunDir.create(run, space)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_zoo, tmp_path_factory):
+    """An uninterrupted 8-evaluation CMA-ES run, in process."""
+    tmp = tmp_path_factory.mktemp("ref")
+    run = start(tiny_space(tiny_zoo, tmp, budget=8), tmp / "run")
+    progress = Runner(run, local).run()
+    return run, progress
+
+
+def test_journal_holds_every_evaluation_once(reference_run):
+    run, progress = reference_run
+    journal = run.journal()
+    assert [e.id for e in journal] == list(range(8))
+    assert progress.done == 8 and progress.failed == 0
+    best = max(journal, key=lambda e: e.fitness[0])
+    assert progress.best.id == best.id
+    for e in journal:
+        assert e.status == "ok" and 0.0 <= e.fitness[0] <= 1.0
+        assert e.fitness[0] == pytest.approx(sum(e.metrics[f"zoo_{t}/exact_match"] for t in ("copy", "rev", "sort")) / 3)
+        assert e.recipe["merge_method"] == "ties" and e.metrics["merge/num_layers"] == 2
+    # the search is not a constant: candidates differ and so do their scores
+    assert len({round(e.fitness[0], 6) for e in journal}) > 2
+
+
+def test_interrupted_run_resumes_to_the_same_journal(tiny_zoo, tmp_path, reference_run):
+    run = start(tiny_space(tiny_zoo, tmp_path, budget=8), tmp_path / "run")
+
+    def interrupt(progress):
+        if progress.done == 3 and progress.workers.get(0, "").startswith("evaluating"):
+            raise KeyboardInterrupt  # candidate #3 is asked and in flight
+
+    with pytest.raises(KeyboardInterrupt):
+        Runner(run, local, on_event=interrupt).run()
+    assert len(run.journal()) == 3
+    with open(run.journal_file, "a") as f:
+        f.write('{"id": 3, "genes": {"copy.we')  # a torn line, as kill -9 mid-write leaves
+    Runner(run, local).run()
+    assert comparable(run.journal()) == comparable(reference_run[0].journal())
+    assert run.journal_file.read_text().count("\n") == 8  # the torn bytes are gone
+
+
+def test_resume_with_a_larger_budget_continues(tiny_zoo, tmp_path, reference_run):
+    path = tiny_space(tiny_zoo, tmp_path, budget=5)
+    run = start(path, tmp_path / "run")
+    Runner(run, local).run()
+    assert len(run.journal()) == 5
+    run.save_space(run.space().with_overrides(budget=8))
+    Runner(run, local).run()
+    assert comparable(run.journal()) == comparable(reference_run[0].journal())
+
+
+def test_failed_candidates_are_journaled_and_the_search_goes_on(tiny_zoo, tmp_path):
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(
+        "import math\n"
+        "calls = []\n"
+        "def score(model, tokenizer):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) % 3 == 0:\n"
+        "        return {'score': math.nan}\n"
+        "    if len(calls) % 4 == 0:\n"
+        "        raise RuntimeError('evaluator crashed')\n"
+        "    return {'score': float(model.model.embed_tokens.weight.abs().mean())}\n"
+    )
+    path = tiny_space(tiny_zoo, tmp_path, budget=8, optimizer="tpe",
+                      evaluators=[{"type": "python", "function": f"{plugin}:score"}],
+                      fitness=[{"name": "score", "direction": "minimize", "metrics": ["score"]}])
+    run = start(path, tmp_path / "run")
+    progress = Runner(run, local).run()
+    journal = run.journal()
+    failed = [e for e in journal if not e.ok]
+    assert [e.id for e in journal] == list(range(8))
+    assert {e.id for e in failed} == {2, 3, 5, 7} and progress.failed == 4
+    assert any("is nan" in e.error for e in failed) and any("evaluator crashed" in e.error for e in failed)
+    assert all(e.fitness is None for e in failed) and all(e.fitness for e in journal if e.ok)
+    # Optuna's storage lives in the run dir and has every candidate as a finished trial
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run.optimizer_dir / "optuna.log")))
+    trials = optuna.load_study(study_name="evomerge", storage=storage).trials
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 8
+
+
+def test_dead_worker_is_replaced_and_its_candidate_retried(tiny_zoo, tmp_path):
+    marker = tmp_path / "killed-once"
+    plugin = tmp_path / "killer.py"
+    plugin.write_text(
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "def score(model, tokenizer, marker):\n"
+        "    if not Path(marker).exists():\n"
+        "        Path(marker).write_text(str(os.getpid()))\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-evaluation\n"
+        "    return {'score': float(model.lm_head.weight.abs().mean())}\n"
+    )
+    path = tiny_space(tiny_zoo, tmp_path, budget=6, optimizer="random", workers=2,
+                      evaluators=[{"type": "python", "function": f"{plugin}:score", "kwargs": {"marker": str(marker)}}],
+                      fitness=[{"name": "score", "direction": "maximize", "metrics": ["score"]}])
+    run = start(path, tmp_path / "run")
+    progress = Runner(run, lambda s: RayExecutor(s.model_dump(mode="json"), s.workers)).run()
+    journal = run.journal()
+    assert marker.exists() and progress.retried == 1
+    assert sorted(e.id for e in journal) == list(range(6)) and all(e.ok for e in journal)
+    assert [e.attempts for e in journal].count(2) == 1
+
+
+def _run_cli(*args, **kw):
+    return subprocess.run([*EVOMERGE, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tiny_zoo, tmp_path, reference_run):
+    """The real CLI on a Ray worker, killed with SIGKILL mid-run, resumed: same journal as uninterrupted."""
+    space = tiny_space(tiny_zoo, tmp_path, budget=8)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*EVOMERGE, "search", str(space), "--run-dir", str(run_dir), "--no-export"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    journal = run_dir / "journal.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    done_before = journal.read_text().count("\n")
+    assert 3 <= done_before < 8
+    result = _run_cli("resume", run_dir, "--no-export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = RunDir.open(run_dir).journal()
+    assert [e.id for e in resumed][:done_before] == list(range(done_before))
+    assert sorted(e.id for e in resumed) == list(range(8))
+    assert comparable(resumed) == comparable(reference_run[0].journal())
+
+
+def test_cli_export_loads_in_the_lm_eval_cli(tiny_zoo, tmp_path, reference_run):
+    run, _ = reference_run
+    out = tmp_path / "export"
+    result = _run_cli("export", run.path, out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads((out / "scores.json").read_text())
+    best = max(run.journal(), key=lambda e: e.fitness[0])
+    assert scores["candidate"] == best.id
+    from evomerge.recipe import Recipe
+
+    assert Recipe.from_file(out / "recipe.yaml").to_dict() == best.recipe
+    results = tmp_path / "lm_eval_out"
+    cli = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out}",
+         "--include_path", str(tiny_zoo.tasks_dir), "--tasks", "zoo_copy,zoo_rev,zoo_sort", "--limit", "16",
+         "--batch_size", "16", "--output_path", str(results)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    (written,) = results.rglob("results_*.json")
+    cli_scores = json.loads(written.read_text())["results"]
+    for task in ("zoo_copy", "zoo_rev", "zoo_sort"):
+        assert cli_scores[task]["exact_match,none"] == pytest.approx(scores["test"]["metrics"][f"{task}/exact_match"])
+    assert "| zoo_copy/exact_match |" in (out / "README.md").read_text()
+
+
+def test_cli_refuses_an_existing_run_and_resume_needs_one(tiny_zoo, tmp_path, reference_run):
+    space = tiny_space(tiny_zoo, tmp_path)
+    result = _run_cli("search", space, "--run-dir", reference_run[0].path)
+    assert result.returncode == 2 and "already exists; continue it with `evomerge resume" in result.stderr
+    result = _run_cli("resume", tmp_path / "nothing")
+    assert result.returncode == 2 and "not a run directory" in result.stderr
+    result = _run_cli("resume", reference_run[0].path, "--budget", "3")
+    assert result.returncode == 2 and "can only grow" in result.stderr
+
+
+def test_corrupt_journal_line_is_named(tiny_zoo, tmp_path):
+    run = start(tiny_space(tiny_zoo, tmp_path, budget=2), tmp_path / "run")
+    Runner(run, local).run()
+    lines = run.journal_file.read_text().splitlines()
+    run.journal_file.write_text("{not json\n" + lines[1] + "\n")
+    with pytest.raises(EvomergeError, match=r"journal\.jsonl: line 1 is corrupt"):
+        Runner(run, local).run()

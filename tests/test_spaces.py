@@ -1,0 +1,87 @@
+"""Search spaces: validation with clear errors, and genome -> recipe decoding."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import interpolate
+from evomerge.spaces.space import SearchSpace
+from search_helpers import tiny_space
+
+
+def load(path):
+    return SearchSpace.from_file(path).resolved()
+
+
+def test_parameter_genome_layout_and_decode(tiny_zoo, tmp_path):
+    space = load(tiny_space(tiny_zoo, tmp_path, genome={
+        "type": "parameter", "method": "dare_ties", "layer_groups": 2,
+        "genes": {"weight": [0.0, 2.0], "density": [0.2, 0.6]}, "parameters": {"lambda": 0.9},
+    }))
+    genome = space.build_genome()
+    assert genome.names[:4] == ["copy.weight[g0]", "copy.weight[g1]", "copy.density[g0]", "copy.density[g1]"]
+    assert genome.dim == 3 * 2 * 2
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=genome.dim)
+    recipe = genome.decode(x)
+    assert recipe.merge_method == "dare_ties" and recipe.base_model == space.models.base
+    assert recipe.parameters["lambda"] == 0.9 and recipe.random_seed == space.seed
+    rev = recipe.models[1].parameters
+    # each layer's value (mergekit gradient semantics) is its group's gene value, in the gene's units
+    per_layer = [interpolate(rev["weight"], i / (genome.num_layers - 1)) for i in range(genome.num_layers)]
+    assert per_layer == pytest.approx([2.0 * x[4], 2.0 * x[5]])
+    assert interpolate(rev["density"], 0.0) == pytest.approx(0.2 + 0.4 * x[6])
+    assert genome.decode(x) == recipe  # pure
+
+
+def test_default_genes_follow_the_method(tiny_zoo, tmp_path):
+    ta = load(tiny_space(tiny_zoo, tmp_path, genome={"type": "parameter", "method": "task_arithmetic"}))
+    assert ta.build_genome().names == ["copy.weight", "rev.weight", "sort.weight"]
+    path = tiny_space(tiny_zoo, tmp_path, name="slerp", genome={"type": "parameter", "method": "slerp"})
+    data = yaml.safe_load(path.read_text())
+    data["models"]["sources"] = data["models"]["sources"][:1]
+    path.write_text(yaml.safe_dump(data))
+    genome = load(path).build_genome()
+    assert genome.names == ["t"]
+    assert genome.decode(np.array([0.25])).parameters["t"] == 0.25
+
+
+@pytest.mark.parametrize("genome, message", [
+    ({"type": "parameter", "method": "ties", "genes": {"density": [0.5, 0.2]}}, "bounds [0.5, 0.2] are empty"),
+    ({"type": "parameter", "method": "ties", "genes": {"density": [0.0, 1.5]}}, "leave the valid range"),
+    ({"type": "parameter", "method": "ties", "genes": {"t": [0, 1]}}, "ties has no parameter 't'"),
+    ({"type": "parameter", "method": "model_stock"}, "cannot be searched"),
+    ({"type": "parameter", "method": "ties", "layer_groups": 9}, "exceeds the models' 2 layers"),
+])
+def test_bad_genomes_are_named(tiny_zoo, tmp_path, genome, message):
+    with pytest.raises(EvomergeError, match=re.escape(message)):
+        load(tiny_space(tiny_zoo, tmp_path, genome=genome)).build_genome()
+
+
+def test_space_errors_name_file_line_and_key(tiny_zoo, tmp_path):
+    path = tiny_space(tiny_zoo, tmp_path, budget=0)
+    with pytest.raises(EvomergeError, match=r"tiny\.yaml: line \d+: budget: Input should be greater than 0"):
+        SearchSpace.from_file(path)
+    path.write_text(path.read_text().replace("budget: 0", "budget: 3\nbugdet: 4"))
+    with pytest.raises(EvomergeError, match=r"bugdet: unknown key; valid keys here: name, description, models"):
+        SearchSpace.from_file(path)
+    path = tiny_space(tiny_zoo, tmp_path, genome={"type": "parameter", "metod": "ties"})
+    with pytest.raises(EvomergeError, match=r"line \d+: genome\.parameter\.metod: unknown key; valid keys here: type, method"):
+        SearchSpace.from_file(path)
+
+
+def test_unknown_and_mismatched_models(tiny_zoo, tmp_path):
+    path = tiny_space(tiny_zoo, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["models"]["sources"].append(str(tmp_path / "nowhere"))
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvomergeError, match="nowhere'.*no such file or directory"):
+        load(path)
+    with pytest.raises(EvomergeError, match="zoo:lm/tiny/missing.*has no model 'missing'"):
+        SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path)).with_overrides(
+            models={"base": "zoo:lm/tiny/missing", "sources": ["x"]}).resolved()
