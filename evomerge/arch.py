@@ -22,6 +22,12 @@ class ArchMap:
     family: str
     layer_prefix: str  # e.g. "model.layers." -> "model.layers.{i}.<suffix>"
     num_layers_key: str  # config.json key holding the layer count
+    #: Substrings naming a layer's residual-writing output projections (weights and biases), for
+    #: pre-norm families whose layers see their input only through scale-invariant norms; scaling
+    #: exactly these tensors by a factor scales the layer's contribution to the residual stream
+    #: (see evomerge.materialize.layer_path). Empty where no such folding holds (post-norm or
+    #: sandwich-norm layers such as BERT, Gemma 2/3, OLMo 2) or the names are not mapped (MoE).
+    residual_out: tuple[str, ...] = ()
 
     @property
     def _pattern(self) -> re.Pattern:
@@ -63,12 +69,15 @@ class ArchMap:
         return out
 
 
-_LLAMA = ArchMap("llama", "model.layers.", "num_hidden_layers")
-_GPT2 = ArchMap("gpt2", "transformer.h.", "n_layer")
+_LLAMA = ArchMap("llama", "model.layers.", "num_hidden_layers", ("self_attn.o_proj", "mlp.down_proj"))
+#: Llama naming, but the residual-writing projections are not foldable (post/sandwich norms, MoE experts).
+_LLAMA_NAMES = ArchMap("llama-names", "model.layers.", "num_hidden_layers")
+_GPT2 = ArchMap("gpt2", "transformer.h.", "n_layer", ("attn.c_proj", "mlp.c_proj"))
 
 #: model_type -> map. Llama-style naming covers Mistral, Qwen2/3, Gemma, Phi-3 and most decoder LMs.
 FAMILIES: dict[str, ArchMap] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite")},
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite")},
+    **{t: _LLAMA_NAMES for t in ("mixtral", "gemma2", "gemma3_text", "olmo2")},
     "gpt2": _GPT2,
     "vit": ArchMap("vit", "vit.encoder.layer.", "num_hidden_layers"),
     "bert": ArchMap("bert", "bert.encoder.layer.", "num_hidden_layers"),

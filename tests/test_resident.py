@@ -73,9 +73,11 @@ def test_bad_candidates_are_typed_errors_and_the_merger_survives(tiny_zoo, merge
                                     "parameters": {"lambda": 1e38}})
     with pytest.raises(MaterializeError, match="NaN or Inf"):
         merger.materialize(blowup)
+    # a frankenmerge is a layer path (tests/test_layer_path.py); a plain scalar scale cannot be referenced
     frank = Recipe.model_validate({"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": m["base"], "layer_range": [0, 2]}]}, {"sources": [{"model": m["rev"], "layer_range": [0, 1]}]}]})
-    with pytest.raises(MaterializeError, match="3 layers, the live model 2"):
+        {"sources": [{"model": m["base"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": m["rev"], "layer_range": [0, 1], "parameters": {"scale": 0.5}}]}]})
+    with pytest.raises(MaterializeError, match="only output-projection scales"):
         merger.materialize(frank)
     good = Recipe.model_validate(candidates(tiny_zoo)[1])
     want = exported(good, tmp_path, "after")

@@ -2,26 +2,64 @@
 
 Built once per worker: the live ``transformers`` model is loaded from the base
 directory and every tensor of the pool's models is read once into memory on
-the worker's device. ``materialize(recipe)`` then plans the recipe against that
-pool, runs the very kernels export runs (so the result equals `evomerge merge`
-bit for bit, DARE included for the same seed) and copies each result into the
-live model's parameter in place: no model construction, no allocation of a
-second model, no file I/O per candidate.
+the worker's device. ``materialize(recipe)`` then takes one of two routes.
+
+Parameter-space candidates (every recipe but a layer path) are planned against
+the pool, run through the very kernels export runs (so the result equals
+`evomerge merge` bit for bit, DARE included for the same seed) and copied into
+the live model's parameters in place: no model construction, no allocation of
+a second model, no file I/O per candidate.
+
+Data-flow candidates (``passthrough`` + ``slices``; see
+``evomerge.materialize.layer_path``) are built from references, not weights.
+Each pool model's decoder layers are instantiated once, lazily, on the meta
+device and given the resident pool tensors themselves as parameters
+(``load_state_dict(assign=True)``: no copy). The live model's layer list is
+swapped for a new ``ModuleList`` of ``ScaledLayer`` wrappers around those
+shared modules, ``h ↦ α·L(h/α)``, and ``config`` gets the path's layer count
+(and per-layer lists such as ``layer_types``) exactly as export writes it.
+
+Why the wrapper: export folds α into the layer's residual-writing projections
+(``L^α``, see ``layer_path``), and ``L^α(h) = α·L(h/α)`` whenever the norms are
+scale-invariant; with ``eps`` they differ only in that ``L`` normalizes ``h/α``
+where ``L^α`` normalizes ``h`` (``eps`` vs ``eps·α²`` relative to the mean
+square). The wrapper hands every layer exactly Sakana's input ``s_k·x_{k-1}``,
+so it equals Sakana's scaled forward except for the final norm, which sees
+``α_n·x_n``. Attention modules record their KV-cache slot in ``layer_idx``; a
+wrapper sets it to its path position before each call, so a layer that appears
+twice keeps two cache entries. Embeddings come from the first slice's model,
+final norm and LM head from the last slice's: those few global tensors are
+written in place into the live model by the same plan jobs export runs. The
+live model's own layer modules are set aside untouched; the next
+parameter-space candidate puts them and the config back and rewrites every
+tensor, so it stays bit-exact.
+
+Limits of layer paths: a path runs at the pool's precision (the recipe's
+``dtype``/``out_dtype`` rounding of the folded weights is not reproduced) and
+each layer with its own model's config (export uses the first model's config
+for all: the same when the models share hyperparameters, as merge families do);
+per-layer attention types (sliding-window hybrids) follow export's config for
+the cache and masks but the source layer for the module; ``output_hidden_states``
+and ``output_attentions`` are not supported (transformers installs its capture
+hooks once, on whichever layers are in place then).
 
 Placement today is "all on device" (pool + live model). Streaming sources from
-pinned host memory or disk for models that do not fit, precomputed per-tensor
-statistics, and data-flow (layer-path) candidates are the next steps.
+pinned host memory or disk for models that do not fit and precomputed
+per-tensor statistics are the next steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+
+import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.materialize.export import run_jobs
-from evomerge.materialize.plan import plan_merge
+from evomerge.materialize.plan import MergePlan, plan_merge
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -32,6 +70,44 @@ class MaterializeError(EvomergeError):
 
     The merger stays usable for the next candidate.
     """
+
+
+class ScaledLayer(torch.nn.Module):
+    """Position ``position`` of a layer path: ``h ↦ alpha · layer(h / alpha)``, ``layer`` shared, not copied.
+
+    Before each call it sets ``layer_idx`` of the wrapped layer's attention
+    modules to ``position``, the KV-cache slot of this path position. Other
+    attributes (e.g. ``attention_type``) are read through from the wrapped layer.
+    """
+
+    def __init__(self, layer: torch.nn.Module, alpha: float, position: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.alpha = float(alpha)
+        self.position = position
+        self._indexed = [m for m in layer.modules() if hasattr(m, "layer_idx")]
+
+    def forward(self, hidden_states, *args, **kwargs):
+        for module in self._indexed:
+            module.layer_idx = self.position
+        if self.alpha == 1.0:
+            return self.layer(hidden_states, *args, **kwargs)
+        out = self.layer(hidden_states / self.alpha, *args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] * self.alpha, *out[1:])
+        return out * self.alpha
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if not modules or "layer" not in modules or name.startswith("__"):
+                raise
+            return getattr(modules["layer"], name)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, position={self.position}"
 
 
 class _ResidentModel:
@@ -58,7 +134,6 @@ class ResidentMerger:
 
     def __init__(self, base: str | Path, sources: list[str | Path], *, device: str | None = None,
                  threads: int = 2, allow_pickle: bool = False) -> None:
-        import torch
         from transformers import AutoModelForCausalLM
 
         from evomerge.perf import keep_freed_memory
@@ -73,24 +148,40 @@ class ResidentMerger:
         self.model = AutoModelForCausalLM.from_pretrained(str(base)).to(self.device).eval()
         # Detached views of the parameters: in-place writes from worker threads need no autograd state.
         self._targets = dict(self.model.state_dict())
+        arch = self.pool[self.base].arch
+        self._layers_owner, _, self._layers_attr = arch.layer_prefix.rstrip(".").rpartition(".")
+        self._own_layers = self.model.get_submodule(arch.layer_prefix.rstrip("."))
+        self._own_config: dict | None = None  # config values a layer path replaced, to put back
+        self._live_layers: dict[str, list] = {}  # pool model -> its decoder layers over the pool tensors
         log.info("resident merger on %s: %d models, placement all-on-device", self.device, len(self.pool))
 
     def materialize(self, recipe: Recipe, *, seed: int | None = None):
-        """Write ``recipe``'s merged weights into the live model in place and return it."""
-        import torch
+        """Materialize ``recipe`` in the live model and return it.
 
+        A ``passthrough`` recipe with ``slices`` is a layer path, built from
+        references to the pool's layers; any other recipe is written in place.
+        """
         unknown = [m for m in recipe.referenced_models() if m not in self.pool]
         if unknown:
             raise MaterializeError(f"recipe model {unknown[0]!r} is not in the resident pool ({', '.join(self.pool)})")
+        if recipe.merge_method == "passthrough" and recipe.slices is not None:
+            return self._materialize_path(recipe, seed)
         plan = plan_merge(recipe, self.pool)
         if plan.num_layers != self.pool[self.base].num_layers:
             raise MaterializeError(
                 f"recipe has {plan.num_layers} layers, the live model {self.pool[self.base].num_layers}; "
-                "layer-path candidates are not materialized in place yet"
+                "only parameter-space recipes and passthrough layer paths can be materialized"
             )
         missing = [job.out_name for job in plan.jobs if job.out_name not in self._targets]
         if missing:
             raise MaterializeError(f"the live model has no tensor {missing[0]!r}")
+        self._restore_layers()
+        self._write(plan, recipe, seed)
+        return self.model
+
+    # -- parameter space -----------------------------------------------------------
+    def _write(self, plan: MergePlan, recipe: Recipe, seed: int | None) -> None:
+        """Run ``plan``'s jobs and copy each result into the live model's tensor of that name."""
 
         def write(job, out) -> None:
             if not bool(torch.isfinite(out).all()):
@@ -105,4 +196,117 @@ class ResidentMerger:
             run_jobs(plan, write, device=self.device, seed=seed, threads=self.threads)
         finally:
             torch.set_num_threads(intra)
+
+    def _restore_layers(self) -> None:
+        """Put the live model's own layers and config back after a layer path."""
+        if self._own_config is None:
+            return
+        self._set_layers(self._own_layers)
+        for key, value in self._own_config.items():
+            setattr(self.model.config, key, value)
+        self._own_config = None
+
+    def _set_layers(self, layers) -> None:
+        owner = self.model.get_submodule(self._layers_owner) if self._layers_owner else self.model
+        setattr(owner, self._layers_attr, layers)
+
+    # -- layer paths -------------------------------------------------------------
+    def _materialize_path(self, recipe: Recipe, seed: int | None):
+        from evomerge.materialize.layer_path import read_path
+
+        path = read_path(recipe, self.pool)
+        plan = plan_merge(recipe, self.pool)
+        arch = self.pool[self.base].arch
+        self._check_layers(path)
+        layers = [self._layers_of(step.model)[step.layer] for step in path]  # builds any missing, before any change
+        globals_ = [job for job in plan.jobs if arch.layer_of(job.out_name) is None]
+        missing = [job.out_name for job in globals_ if job.out_name not in self._targets]
+        if missing:
+            raise MaterializeError(f"the live model has no tensor {missing[0]!r}")
+        self._write(dataclasses.replace(plan, jobs=globals_), recipe, seed)
+        self._set_config(plan, arch)
+        self._set_layers(torch.nn.ModuleList(
+            ScaledLayer(layer, step.alpha, position) for position, (layer, step) in enumerate(zip(layers, path))
+        ))
         return self.model
+
+    def _set_config(self, plan: MergePlan, arch) -> None:
+        """The path's layer count and per-layer lists (``layer_types``...) as export writes them."""
+        config = self.model.config
+        if self._own_config is None:
+            n = getattr(config, arch.num_layers_key)
+            lists = {k for k, v in {**vars(config), **plan.config}.items()
+                     if k.startswith("layer_") and isinstance(v, list) and len(v) == n}
+            self._own_config = {k: getattr(config, k) for k in {arch.num_layers_key} | lists if hasattr(config, k)}
+        own = self._own_config
+        # Lists the stored config.json lacks (computed by the config class) are cut or extended like export's.
+        derived = arch.with_num_layers(own, plan.num_layers)
+        for key in own:
+            setattr(config, key, plan.config[key] if key in plan.config else derived[key])
+
+    def _check_layers(self, path) -> None:
+        """Every path layer has the live model's layer tensors: same names, shapes and dtypes."""
+        base = self.pool[self.base]
+        want = {base.arch.split(n)[1]: (base.info(n).shape, base.info(n).dtype)
+                for n in base.names if base.arch.layer_of(n) == 0}
+        live = {str(p.dtype).removeprefix("torch.") for p in self._own_layers[0].parameters()}
+        stored = {dtype for _, dtype in want.values()}
+        if live != stored:
+            raise MaterializeError(
+                f"the pool's layers are {', '.join(sorted(stored))} but the live model runs in "
+                f"{', '.join(sorted(live))}; a layer path uses the pool tensors as they are"
+            )
+        for k, step in enumerate(path):
+            model = self.pool[step.model]
+            have = {model.arch.split(n)[1]: (model.info(n).shape, model.info(n).dtype)
+                    for n in model.names if model.arch.layer_of(n) == step.layer}
+            if have != want:
+                diff = min(set(have.items()) ^ set(want.items()))
+                raise MaterializeError(
+                    f"path step {k}: layer {step.layer} of {step.model} does not match the live model's layers "
+                    f"(tensor {diff[0]!r}: {have.get(diff[0])} vs {want.get(diff[0])})"
+                )
+
+    def _layers_of(self, name: str) -> list:
+        """Decoder layer modules of pool model ``name`` whose parameters are the pool tensors (built once)."""
+        if name in self._live_layers:
+            return self._live_layers[name]
+        model = self.pool[name]
+        own = self._own_layers
+        if model.config.get("model_type") != self.model.config.model_type:
+            raise MaterializeError(
+                f"{name}: model_type {model.config.get('model_type')!r} differs from the live model's "
+                f"{self.model.config.model_type!r}; its layers cannot be stacked into it"
+            )
+        config = type(self.model.config).from_dict(dict(model.config))
+        config._attn_implementation = self.model.config._attn_implementation
+        cls = type(own[0])
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for tensor_name in model.names:
+            parts = model.arch.split(tensor_name)
+            if parts is not None:
+                by_layer.setdefault(parts[0], {})[parts[1]] = model.tensor(tensor_name)
+        layers = []
+        for i in range(model.num_layers):
+            with torch.device("meta"):
+                try:
+                    layer = cls(config, layer_idx=i)
+                except TypeError:
+                    layer = cls(config)
+            try:
+                layer.load_state_dict(by_layer.get(i, {}), strict=True, assign=True)
+            except RuntimeError as exc:
+                message = f"{name}: layer {i}: its tensors do not fit the live layer class: {exc}"
+                raise MaterializeError(message) from None
+            # Non-persistent buffers are not stored; they are structural, so the live model's own serve.
+            for buf_name, buf in list(layer.named_buffers()):
+                if buf.is_meta:
+                    owner_name, _, attr = buf_name.rpartition(".")
+                    owner = layer.get_submodule(owner_name) if owner_name else layer
+                    src = own[min(i, len(own) - 1)].get_buffer(buf_name)
+                    owner._buffers[attr] = src.clone()
+            layer.requires_grad_(False)
+            layer.eval()
+            layers.append(layer)
+        self._live_layers[name] = layers
+        return layers
