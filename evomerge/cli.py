@@ -162,6 +162,7 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     from evomerge.run.export import export_run
     from evomerge.run.rundir import RunDir
     from evomerge.run.runner import Runner
+    from evomerge.run.staged import run_stages
 
     run = RunDir.open(run_dir)
     bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -176,9 +177,20 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         states = "  ".join(f"w{w}: {s}" for w, s in sorted(p.workers.items()))
         live.update(Group(bar, f"[dim]{states}[/]"))
 
+    factory = _make_executor(workers, address, local)
+
+    def make_runner(stage_run):
+        return Runner(stage_run, factory, on_event=show)
+
+    def on_stage(index, stage_run):
+        console.print(f"stage {index + 1} ({'parameter' if index == 0 else 'data-flow'}): {stage_run.path}")
+
     try:
         with live:
-            progress = Runner(run, _make_executor(workers, address, local), on_event=show).run()
+            if run.space().genome.type == "staged":
+                run_for_export, progress = run_stages(run, make_runner, on_stage)
+            else:
+                run_for_export, progress = run, make_runner(run).run()
         if not console.is_terminal:
             console.line()  # rich leaves a non-terminal live display's last line open
     except KeyboardInterrupt:
@@ -189,7 +201,7 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
                   + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
     if export and best is not None:
         with console.status("exporting the best candidate") as status:
-            scores = export_run(run, run.best_dir, force=True, progress=status.update)
+            scores = export_run(run_for_export, run.best_dir, force=True, progress=status.update)
         test = scores.get("test", {}).get("fitness")
         console.print(f"best model exported to [bold]{run.best_dir}[/]" + (f" (test split: {test})" if test else ""))
     out_console.print(str(run.path))
@@ -265,8 +277,9 @@ def status(
     """Show a run's progress: counts, failures and its best candidates."""
     from evomerge.run.rundir import RunDir
     from evomerge.run.runner import ranked
+    from evomerge.run.staged import latest_run
 
-    run = RunDir.open(run_dir)
+    run = latest_run(RunDir.open(run_dir))
     space = run.space()
     journal = run.journal()
     failed = [e for e in journal if not e.ok]
@@ -300,8 +313,9 @@ def export_cmd(
     """
     from evomerge.run.export import export_run
     from evomerge.run.rundir import RunDir
+    from evomerge.run.staged import latest_run
 
-    run = RunDir.open(run_dir)
+    run = latest_run(RunDir.open(run_dir))
     with console.status("exporting") as st:
         scores = export_run(run, out_dir, rank=rank, force=force, score=score, progress=st.update)
     test = scores.get("test", {}).get("fitness")

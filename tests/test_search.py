@@ -210,3 +210,29 @@ def test_corrupt_journal_line_is_named(tiny_zoo, tmp_path):
     run.journal_file.write_text("{not json\n" + lines[1] + "\n")
     with pytest.raises(EvomergeError, match=r"journal\.jsonl: line 1 is corrupt"):
         Runner(run, local).run()
+
+
+def test_staged_search_evolves_a_layer_path_over_the_parameter_winner(tiny_zoo, tmp_path):
+    space = tiny_space(tiny_zoo, tmp_path, budget=6, genome={
+        "type": "staged", "parameter_budget": 3,
+        "parameter": {"type": "parameter", "method": "task_arithmetic"},
+        "dataflow": {"type": "dataflow", "repeats": 1, "scales": "slot"},
+    })
+    run_dir = tmp_path / "run"
+    result = _run_cli("search", space, "--run-dir", run_dir, "--local")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = RunDir(run_dir / "stage1"), RunDir(run_dir / "stage2")
+    assert [e.recipe["merge_method"] for e in first.journal()] == ["task_arithmetic"] * 3
+    winner = str((first.path / "best").resolve())
+    assert second.space().models.sources[0] == winner and second.space().genome.anchor == winner
+    journal = second.journal()
+    assert [e.id for e in journal] == [0, 1, 2] and all(e.ok for e in journal)
+    for e in journal:
+        assert e.recipe["merge_method"] == "passthrough"
+        assert e.metrics["merge/num_layers"] == len(e.recipe["slices"])
+    scores = json.loads((run_dir / "best" / "scores.json").read_text())
+    chosen = max(journal, key=lambda e: e.fitness[0])
+    assert scores["candidate"] == chosen.id
+    assert scores["test"]["metrics"]["merge/num_layers"] == len(chosen.recipe["slices"])
+    status = _run_cli("status", run_dir)
+    assert status.returncode == 0 and "3/3 evaluations" in status.stdout and "genome dataflow" in status.stdout

@@ -85,3 +85,45 @@ def test_unknown_and_mismatched_models(tiny_zoo, tmp_path):
     with pytest.raises(EvomergeError, match="zoo:lm/tiny/missing.*has no model 'missing'"):
         SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path)).with_overrides(
             models={"base": "zoo:lm/tiny/missing", "sources": ["x"]}).resolved()
+
+
+def test_dataflow_genome_decodes_to_a_scaled_layer_path(tiny_zoo, tmp_path):
+    from evomerge.materialize.layer_path import input_scales, read_path
+    from evomerge.materialize.plan import open_models
+
+    space = load(tiny_space(tiny_zoo, tmp_path, genome={
+        "type": "dataflow", "repeats": 2, "threshold": 0.5, "scales": "pair", "scale_bounds": [0.5, 1.5],
+    }))
+    genome = space.build_genome()
+    slots = 3 * 2 * 2  # three 2-layer sources, laid out twice
+    assert len(genome.indicator_genes) == slots
+    assert len(genome.scale_genes) == (slots + 2) * (slots + 1) // 2
+    x = np.full(genome.dim, 0.25)
+    used = [1, 4, 6]  # copy.1, sort.0 and (second repeat) copy.0
+    x[used] = 0.9
+    for (i, j), k in genome.scale_index.items():
+        x[slots + k] = (i * 31 + j) % 17 / 17  # a distinct scale per (from, to) pair
+    path = genome.path(x)
+    models = tiny_zoo.models
+    assert [(str(m), layer) for _, m, layer, _ in path] == [
+        (str(models["base"]), 0), (str(models["copy"]), 1), (str(models["sort"]), 0), (str(models["copy"]), 0),
+        (str(models["base"]), 1)]
+    expected = [1.0] + [0.5 + (i * 31 + j) % 17 / 17 for i, j in [(0, 2), (2, 5), (5, 7), (7, 13)]]
+    assert [s for *_, s in path] == pytest.approx(expected)
+    recipe = genome.decode(x)
+    assert recipe.merge_method == "passthrough" and len(recipe.slices) == 5
+    steps = read_path(recipe, open_models(recipe))
+    assert [(s.model, s.layer) for s in steps] == [(m, layer) for _, m, layer, _ in path]
+    assert input_scales(steps)[1:] == pytest.approx(expected[1:])
+
+
+def test_slot_scales_and_no_scales(tiny_zoo, tmp_path):
+    slot = load(tiny_space(tiny_zoo, tmp_path, genome={"type": "dataflow", "repeats": 1, "scales": "slot"}))
+    genome = slot.build_genome()
+    assert genome.dim == 6 + 7 and genome.names[6] == "scale[->0]" and genome.names[-1] == "scale[->end]"
+    none = load(tiny_space(tiny_zoo, tmp_path, name="n", genome={"type": "dataflow", "repeats": 1, "scales": "none"}))
+    genome = none.build_genome()
+    assert genome.dim == 6
+    assert all(s == 1.0 for *_, s in genome.path(np.ones(6)))
+    with pytest.raises(EvomergeError, match="genome.anchor"):
+        load(tiny_space(tiny_zoo, tmp_path, name="a", genome={"type": "dataflow", "anchor": str(tmp_path)})).build_genome()
