@@ -19,7 +19,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
 from evomerge.yamlconfig import parse_yaml, read_text, validate
 
 DTYPES = ("float32", "float16", "bfloat16")

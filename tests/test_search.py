@@ -181,7 +181,7 @@ def test_cli_export_loads_in_the_lm_eval_cli(tiny_zoo, tmp_path, reference_run):
     results = tmp_path / "lm_eval_out"
     cli = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out}",
-         "--include_path", str(tiny_zoo.tasks_dir), "--tasks", "zoo_copy,zoo_rev,zoo_sort", "--limit", "16",
+         "--include_path", str(tiny_zoo.tasks_dir), "--tasks", "zoo_copy,zoo_rev,zoo_sort",
          "--batch_size", "16", "--output_path", str(results)],
         capture_output=True, text=True, timeout=300,
     )

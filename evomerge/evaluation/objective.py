@@ -87,5 +87,15 @@ class Objective(BaseModel):
         return [f.value(metrics) for f in self.fitness]
 
     def for_split(self, split: str) -> list[dict[str, Any]]:
-        """The evaluator configs with every lm_eval evaluator switched to ``split`` (reports use ``test``)."""
-        return [{**spec, "split": split} if spec["type"] == "lm_eval" else dict(spec) for spec in self.evaluators]
+        """The evaluator configs with every lm_eval evaluator switched to ``split``.
+
+        Reports use ``test``, and score all of it: ``limit`` is a per-candidate
+        cost knob of the search, not a property of the reported number.
+        """
+        def switched(spec: dict[str, Any]) -> dict[str, Any]:
+            spec = {**spec, "split": split}
+            if split == "test":
+                spec.pop("limit", None)
+            return spec
+
+        return [switched(spec) if spec["type"] == "lm_eval" else dict(spec) for spec in self.evaluators]

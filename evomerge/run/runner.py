@@ -45,6 +45,8 @@ class RunProgress:
     session_start: float = field(default_factory=time.monotonic)
     workers: dict[int, str] = field(default_factory=dict)
     retried: int = 0
+    #: wall seconds of this session's loop, from workers ready to the last result
+    loop_seconds: float = 0.0
 
     @property
     def evals_per_min(self) -> float:
@@ -185,6 +187,7 @@ class Runner:
             self.progress.workers = {i["worker"]: f"idle ({i['device']})" for i in infos}
             self.on_event(self.progress)
             self._loop(executor, budget)
+            self.progress.loop_seconds = time.monotonic() - self.progress.session_start
         finally:
             executor.shutdown()
         return self.progress
