@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,9 @@ def test_slot_scales_and_no_scales(tiny_zoo, tmp_path):
     assert all(s == 1.0 for *_, s in genome.path(np.ones(6)))
     with pytest.raises(EvomergeError, match="genome.anchor"):
         load(tiny_space(tiny_zoo, tmp_path, name="a", genome={"type": "dataflow", "anchor": str(tmp_path)})).build_genome()
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_validate(preset):
+    space = SearchSpace.from_file(preset)
+    assert space.budget > 0 and space.objective.fitness
