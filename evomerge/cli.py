@@ -140,6 +140,11 @@ def merge(
     console.print(f"merged model written to [bold]{out_dir}[/]")
 
 
+def _end_live_line() -> None:
+    if not console.is_terminal:
+        console.line()  # rich leaves a non-terminal live display's last line open
+
+
 def _make_executor(workers: int | None, address: str | None, local: bool):
     """Executor factory for the runner: Ray actors (default) or this process (--local)."""
     from evomerge.run.executor import LocalExecutor, RayExecutor
@@ -191,11 +196,11 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
                 run_for_export, progress = run_stages(run, make_runner, on_stage)
             else:
                 run_for_export, progress = run, make_runner(run).run()
-        if not console.is_terminal:
-            console.line()  # rich leaves a non-terminal live display's last line open
     except KeyboardInterrupt:
+        _end_live_line()
         console.print(f"[yellow]interrupted[/]; nothing finished is lost. Continue with: evomerge resume {run_dir}")
         raise typer.Exit(130) from None
+    _end_live_line()
     best = progress.best
     console.print(f"{progress.done} evaluations, {progress.failed} failed; "
                   + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
