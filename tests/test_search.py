@@ -236,3 +236,14 @@ def test_staged_search_evolves_a_layer_path_over_the_parameter_winner(tiny_zoo, 
     assert scores["test"]["metrics"]["merge/num_layers"] == len(chosen.recipe["slices"])
     status = _run_cli("status", run_dir)
     assert status.returncode == 0 and "3/3 evaluations" in status.stdout and "genome dataflow" in status.stdout
+
+
+def test_corrupt_optimizer_state_is_rebuilt_from_the_journal(tiny_zoo, tmp_path, reference_run):
+    run = start(tiny_space(tiny_zoo, tmp_path, budget=5), tmp_path / "run")
+    Runner(run, local).run()
+    (run.optimizer_dir / "optimizer.pkl").write_bytes(b"\x80\x04garbage")
+    run.save_space(run.space().with_overrides(budget=8))
+    Runner(run, local).run()
+    assert comparable(run.journal()) == comparable(reference_run[0].journal())
+    (aside,) = run.path.glob("optimizer.corrupt-*")
+    assert (aside / "optimizer.pkl").read_bytes() == b"\x80\x04garbage"

@@ -42,6 +42,10 @@ STATE_FILE = "optimizer.pkl"
 _STATE_FORMAT = 1
 
 
+class CorruptStateError(EvomergeError):
+    """The saved optimizer state cannot be read (a damaged file, not a configuration mismatch)."""
+
+
 @dataclass(frozen=True)
 class Ask:
     """One proposed candidate: its id and its genome (read-only, float64, in the unit box)."""
@@ -202,11 +206,11 @@ class Optimizer(ABC):
         try:
             state = pickle.loads(blob)
         except Exception as exc:  # noqa: BLE001  (every unpickling failure means the same to the user)
-            raise EvomergeError(
+            raise CorruptStateError(
                 f"{self.state_path}: unreadable optimizer state ({type(exc).__name__}: {exc})"
             ) from None
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise EvomergeError(f"{self.state_path}: not an evomerge optimizer state (format {_STATE_FORMAT})")
+            raise CorruptStateError(f"{self.state_path}: not an evomerge optimizer state (format {_STATE_FORMAT})")
         saved, now = state["identity"], self._identity()
         for key in now:
             if saved.get(key) != now[key]:

@@ -19,6 +19,7 @@ worker and a fixed seed the resumed journal equals an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.optimize.base import CorruptStateError
 from evomerge.run.executor import Candidate, Executor, Finished
-from evomerge.run.rundir import Evaluation, RunDir
+from evomerge.run.rundir import OPTIMIZER, Evaluation, RunDir
 from evomerge.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,6 @@ class Runner:
 
     def __init__(self, run: RunDir, executor_factory: Callable[[SearchSpace], Executor], *,
                  on_event: Callable[[RunProgress], None] | None = None, max_retries: int = 2) -> None:
-        from evomerge.optimize import build_optimizer
-
         self.run_dir = run
         self.space = run.space()
         self.genome = self.space.build_genome()
@@ -82,14 +82,19 @@ class Runner:
         self.on_event = on_event or (lambda progress: None)
         self.max_retries = max_retries
         self._executor_factory = executor_factory
-        self.optimizer = build_optimizer(
-            self.space.optimizer.name, dim=self.genome.dim, names=self.genome.names,
-            directions=self.objective.directions, seed=self.space.seed, state_dir=run.optimizer_dir,
-            settings=dict(self.space.optimizer.settings),
-        )
+        self.optimizer = self._build_optimizer()
         self.done: dict[int, Evaluation] = {}
         self.queue: list[Candidate] = []
         self.progress = RunProgress(total=self.space.budget)
+
+    def _build_optimizer(self):
+        from evomerge.optimize import build_optimizer
+
+        return build_optimizer(
+            self.space.optimizer.name, dim=self.genome.dim, names=self.genome.names,
+            directions=self.objective.directions, seed=self.space.seed, state_dir=self.run_dir.optimizer_dir,
+            settings=dict(self.space.optimizer.settings),
+        )
 
     # -- resume --------------------------------------------------------------
     def _recover(self) -> None:
@@ -100,7 +105,18 @@ class Runner:
             dup = next(i for i in ids if ids.count(i) > 1)
             raise EvomergeError(f"{self.run_dir.journal_file}: evaluation {dup} appears twice; the journal was edited")
         self.done = {e.id: e for e in journal}
-        if self.optimizer.restore():
+        try:
+            restored = self.optimizer.restore()
+        except CorruptStateError as exc:
+            if not self.done:
+                raise
+            restored = False
+            aside = self.run_dir.optimizer_dir.with_name(f"{OPTIMIZER}.corrupt-{int(time.time())}")
+            os.replace(self.run_dir.optimizer_dir, aside)
+            self.run_dir.optimizer_dir.mkdir()
+            log.warning("%s; moved the optimizer state to %s and rebuilding it from the journal", exc, aside)
+            self.optimizer = self._build_optimizer()
+        if restored:
             for cid, x in self.optimizer.pending().items():
                 if cid in self.done:  # journaled, but the process died before telling it
                     self._tell(self.done[cid])
