@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=48)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--optimizers", default="cmaes,tpe,random")
+    parser.add_argument("--layer-groups", type=int, default=None,
+                        help="override the preset's layer_groups (per-layer-group weight/density genes)")
     args = parser.parse_args()
 
     from evomerge.evaluation.registry import build_evaluator
@@ -46,7 +48,10 @@ def main() -> None:
     from evomerge.run.runner import Runner, ranked
     from evomerge.spaces.space import SearchSpace
 
-    space = SearchSpace.from_file(PRESET).with_overrides(budget=args.budget).resolved()
+    space = SearchSpace.from_file(PRESET).with_overrides(budget=args.budget)
+    if args.layer_groups:
+        space = space.with_overrides(genome={**space.genome.model_dump(), "layer_groups": args.layer_groups})
+    space = space.resolved()
     objective = space.objective
     base, sources = space.models.base, list(space.models.sources)
     merger = ResidentMerger(base, sources)
@@ -101,7 +106,7 @@ def main() -> None:
             tests.append(score(Recipe.model_validate(best.recipe), "test"))
         evolved[opt] = tests
         spread = f" ± {statistics.stdev(tests):.3f}" if len(tests) > 1 else ""
-        rows.append((f"{opt} search, {args.budget} evals × {len(tests)} seeds", f"{statistics.mean(vals):.3f}",
+        rows.append((f"{opt} search, {args.budget} evals × {len(tests)} seeds, {space.build_genome().dim} genes", f"{statistics.mean(vals):.3f}",
                      f"{statistics.mean(tests):.3f}{spread}  (per seed {', '.join(f'{t:.3f}' for t in tests)})"))
 
     print("\nsmall zoo, fitness = mean exact match over shift/rev/sort (200 validation / 200 test items per task)")
