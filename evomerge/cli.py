@@ -290,7 +290,7 @@ def status(
     failed = [e for e in journal if not e.ok]
     names = [f.name for f in space.objective.fitness]
     out_console.print(f"[bold]{run.path}[/]: {len(journal)}/{space.budget} evaluations, {len(failed)} failed, "
-                      f"optimizer {space.optimizer.name}, genome {space.genome.type}")
+                      f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
     grid = Table(title=f"best {top} (validation)")
     for col in ["rank", "id", *names, "layers", "seconds"]:
         grid.add_column(col, justify="right")
