@@ -134,3 +134,20 @@ def test_slot_scales_and_no_scales(tiny_zoo, tmp_path):
 def test_presets_validate(preset):
     space = SearchSpace.from_file(preset)
     assert space.budget > 0 and space.objective.fitness
+
+
+def test_models_of_different_architectures_are_refused(tiny_zoo, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "wider"
+    shutil.copytree(tiny_zoo.models["rev"], other)
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    path = tiny_space(tiny_zoo, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["models"]["sources"][1] = str(other)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvomergeError, match=r"different architectures.*wider has hidden_size=128.*has 64"):
+        load(path).build_genome()
