@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -239,14 +240,19 @@ def search(
     space = SearchSpace.from_file(space_file).with_overrides(budget=budget, workers=workers, seed=seed)
     with console.status("resolving models") as status:
         space = space.resolved(relative_to=space_file.parent, progress=status.update)
-        genome = space.build_genome() if space.genome.type != "staged" else None
+        space.check()
     if dry_run:
-        _print_genome(space, genome)
+        _print_genome(space)
         return
     run_dir = run_dir or Path("runs") / space.name
-    RunDir.create(run_dir, space)
+    run = RunDir.create(run_dir, space)
     console.print(f"run directory [bold]{run_dir}[/]")
-    _drive(run_dir, workers, address, local, export)
+    try:
+        _drive(run_dir, workers, address, local, export)
+    except EvomergeError:
+        if not run.journal_file.exists():  # failed before any evaluation: leave no half-made run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @app.command("resume")
@@ -328,12 +334,14 @@ def export_cmd(
                   + (f" (test split: {test})" if test else ""))
 
 
-def _print_genome(space, genome) -> None:
+def _print_genome(space) -> None:
     import numpy as np
 
-    if genome is None:
+    if space.genome.type == "staged":
         out_console.print("staged genome: stage 1 is a parameter search, stage 2 a data-flow search over its winner")
         genome = space.stage(0).build_genome()
+    else:
+        genome = space.build_genome()
     grid = Table(title=f"genome: {genome.dim} genes ({space.genome.type})")
     for col in ("#", "gene", "low", "high"):
         grid.add_column(col)

@@ -248,3 +248,15 @@ def test_corrupt_optimizer_state_is_rebuilt_from_the_journal(tiny_zoo, tmp_path,
     assert comparable(run.journal()) == comparable(reference_run[0].journal())
     (aside,) = run.path.glob("optimizer.corrupt-*")
     assert (aside / "optimizer.pkl").read_bytes() == b"\x80\x04garbage"
+
+
+def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run_cli("search", tiny_space(tiny_zoo, tmp_path, optimizer="hillclimb"), "--run-dir", run_dir)
+    assert result.returncode == 2 and "unknown optimizer 'hillclimb'" in result.stderr and not run_dir.exists()
+    space = tiny_space(tiny_zoo, tmp_path, name="badtask", evaluators=[
+        {"type": "lm_eval", "include_path": str(tiny_zoo.tasks_dir), "tasks": ["zoo_nope"]}])
+    result = _run_cli("search", space, "--run-dir", run_dir, "--local")
+    assert result.returncode == 2 and "unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
+    result = _run_cli("search", space, "--budget", "0")
+    assert result.returncode == 2 and "invalid override: budget: Input should be greater than 0" in result.stderr

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.objective import Objective
@@ -99,8 +99,9 @@ class SearchSpace(_Strict):
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return type(self).model_validate(data)
-        except Exception as exc:  # pydantic's message names the field
-            raise EvomergeError(f"invalid override: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise EvomergeError(f"invalid override: {problems}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -128,6 +129,21 @@ class SearchSpace(_Strict):
     def pool(self) -> tuple[PoolModel, list[PoolModel]]:
         """Open the (resolved) models: base and sources, checked to be mergeable."""
         return open_pool(self.models.base, list(self.models.sources))
+
+    def check(self) -> None:
+        """Validate what a run would only meet later (genome, optimizer, evaluator settings), before any run dir exists."""
+        import tempfile
+
+        from evomerge.evaluation.registry import build_evaluator
+        from evomerge.optimize import build_optimizer
+
+        genome = self.stage(0).build_genome() if isinstance(self.genome, StagedGenomeConfig) else self.build_genome()
+        with tempfile.TemporaryDirectory() as scratch:
+            build_optimizer(self.optimizer.name, dim=genome.dim, names=genome.names,
+                            directions=self.objective.directions, seed=self.seed, state_dir=Path(scratch),
+                            settings=dict(self.optimizer.settings))
+        for spec in self.objective.evaluators:
+            build_evaluator(spec)
 
     def build_genome(self) -> Genome:
         """The genome of a single-stage space (staged spaces build one per stage)."""
