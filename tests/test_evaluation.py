@@ -132,9 +132,39 @@ def test_python_evaluator_and_its_failures(live, tmp_path):
 
 
 def test_evaluator_configs_are_validated():
-    with pytest.raises(EvomergeError, match="unknown evaluator 'bleu'; known: entropy, lm_eval, perplexity, python"):
+    with pytest.raises(EvomergeError, match="unknown evaluator 'bleu'; known: accuracy, entropy, lm_eval, perplexity, python"):
         build_evaluator({"type": "bleu"})
     with pytest.raises(EvomergeError, match="unknown setting 'taskz'; valid: tasks"):
         build_evaluator({"type": "lm_eval", "taskz": ["a"]})
     with pytest.raises(EvomergeError, match="missing setting 'path'"):
         build_evaluator({"type": "entropy"})
+
+
+def test_accuracy_counts_argmax_matches_and_names_bad_labels(tiny_zoo, tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from evomerge.errors import EvomergeError
+    from evomerge.evaluation.registry import build_evaluator
+
+    torch.manual_seed(0)
+    base = tiny_zoo.models["base"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    texts = ["abc", "zyxwv", "q", "hello", "mm", "sorted", "k"]
+    with torch.no_grad():  # the oracle: one unpadded forward per text
+        predicted = [int(model(**tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits.argmax(-1))
+                     for t in texts]
+    labels = [p if i < 4 else (p + 1) % 3 for i, p in enumerate(predicted)]  # 4 right, 3 wrong
+    rows = [{"text": t, "label": ["a", "b", "c"][y] if i % 2 else y} for i, (t, y) in enumerate(zip(texts, labels))]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluator = build_evaluator({"type": "accuracy", "path": str(data), "batch_size": 3})
+    assert evaluator(model, tokenizer) == {"accuracy": pytest.approx(4 / 7)}
+    data.write_text(json.dumps({"text": "x", "label": "d"}) + "\n")
+    with pytest.raises(EvomergeError, match=r"cls\.jsonl: row 1: label 'd' is not a class of the model \(0\.\.2 or a, b, c\)"):
+        build_evaluator({"type": "accuracy", "path": str(data)}).setup(model, tokenizer)

@@ -75,21 +75,28 @@ def tokenize_batches(tokenizer, texts: list[str], batch_size: int, padding_side:
 
 def read_jsonl(path: str | Path, field: str, limit: int | None = None) -> list[str]:
     """The ``field`` of each line of a JSONL file, with errors naming file and line."""
+    return [str(row[field]) for row in read_jsonl_rows(path, (field,), limit)]
+
+
+def read_jsonl_rows(path: str | Path, fields: tuple[str, ...], limit: int | None = None) -> list[dict[str, Any]]:
+    """The ``fields`` of each line of a JSONL file (at most ``limit`` rows), with errors naming file and line."""
     path = Path(path)
-    rows: list[str] = []
+    rows: list[dict[str, Any]] = []
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
+    want = " and ".join(repr(f) for f in fields)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(str(json.loads(line)[field]))
+            data = json.loads(line)
+            rows.append({f: data[f] for f in fields})
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise EvomergeError(f"{path}: line {number}: expected a JSON object with a {field!r} field") from None
+            raise EvomergeError(f"{path}: line {number}: expected a JSON object with {want} fields") from None
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
-        raise EvomergeError(f"{path}: no {field!r} rows")
+        raise EvomergeError(f"{path}: no rows with {want}")
     return rows

@@ -18,7 +18,7 @@ def register(cls: type[Evaluator]) -> type[Evaluator]:
 
 
 def _load_builtin() -> None:
-    from evomerge.evaluation import entropy, lmeval, perplexity, python  # noqa: F401
+    from evomerge.evaluation import accuracy, entropy, lmeval, perplexity, python  # noqa: F401
 
 
 def build_evaluator(spec: dict[str, Any]) -> Evaluator:
