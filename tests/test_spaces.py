@@ -151,3 +151,24 @@ def test_models_of_different_architectures_are_refused(tiny_zoo, tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(EvomergeError, match=r"different architectures.*wider has hidden_size=128.*has 64"):
         load(path).build_genome()
+
+
+def test_dataflow_starts_at_the_anchors_own_path(tiny_zoo, tmp_path):
+    from evomerge.optimize import build_optimizer
+
+    path = tiny_space(tiny_zoo, tmp_path, genome={"type": "dataflow", "repeats": 2, "scales": "pair",
+                                                  "anchor": str(tiny_zoo.models["rev"])})
+    genome = load(path).build_genome()
+    x0 = genome.x0()
+    rev = str(tiny_zoo.models["rev"])
+    # rev has 2 layers: first and last come from the anchor, no middle layer is switched on
+    assert [(m, layer, s) for _, m, layer, s in genome.path(x0)] == [(rev, 0, 1.0), (rev, 1, 1.0)]
+    assert load(tiny_space(tiny_zoo, tmp_path, name="b", genome={"type": "dataflow"})).build_genome().x0() is None
+    for name in ("cmaes", "tpe", "random"):
+        opt = build_optimizer(name, dim=genome.dim, names=genome.names, directions=["maximize"], seed=0,
+                              state_dir=tmp_path / name, x0=x0)
+        first = opt.ask().x
+        if name == "cmaes":  # the mean of the first generation, sampled around it
+            assert abs(float((first - x0).mean())) < 0.1
+        else:
+            assert first.tolist() == x0.tolist()

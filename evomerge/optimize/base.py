@@ -78,8 +78,13 @@ class Optimizer(ABC):
         seed: int,
         state_dir: Path,
         settings: dict[str, Any],
+        x0: Sequence[float] | None = None,
     ) -> None:
         check_problem(type(self), dim, names, directions)
+        #: Where the search starts (the genome's natural starting point), or None for the box centre.
+        self.x0 = None if x0 is None else np.clip(np.asarray(x0, dtype=np.float64), 0.0, 1.0)
+        if self.x0 is not None and self.x0.shape != (dim,):
+            raise EvomergeError(f"optimizer {self.name}: x0 has {self.x0.size} values for {dim} genes")
         self.dim = dim
         self.names = list(names)
         self.directions = list(directions)

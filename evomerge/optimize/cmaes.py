@@ -60,7 +60,8 @@ class CmaEs(Optimizer):
         }
         if popsize is not None:
             opts["popsize"] = popsize
-        self._es = cma.CMAEvolutionStrategy(np.full(self.dim, 0.5), float(sigma0), opts)
+        mean = np.full(self.dim, 0.5) if self.x0 is None else self.x0
+        self._es = cma.CMAEvolutionStrategy(mean, float(sigma0), opts)
         # The current generation: es.ask()'s points (unclipped: es.tell wants them back as
         # they were), their ids in ask order, and the results told so far.
         self._batch: list[np.ndarray] = []

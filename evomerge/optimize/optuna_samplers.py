@@ -69,6 +69,8 @@ class OptunaOptimizer(Optimizer):
         )
 
     def _propose(self, id: int) -> list[float]:
+        if id == 0 and self.x0 is not None:
+            self._study.enqueue_trial(dict(zip(self.names, map(float, self.x0))))  # the start point first
         trial = self._study.ask()
         x = [trial.suggest_float(name, 0.0, 1.0) for name in self.names]
         trial.set_user_attr("evomerge_id", id)

@@ -25,6 +25,8 @@ class RandomSearch(Optimizer):
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
 
     def _propose(self, id: int) -> np.ndarray:
+        if id == 0 and self.x0 is not None:
+            return self.x0  # the start point itself, without drawing (later draws do not depend on it)
         return self._rng.random(self.dim)
 
     def _learn(self, id: int, x: np.ndarray, values: list[float] | None) -> None:

@@ -31,8 +31,13 @@ def build_optimizer(
     seed: int,
     state_dir: Path,
     settings: dict[str, Any] | None = None,
+    x0: Sequence[float] | None = None,
 ) -> Optimizer:
-    """Make the optimizer ``name``, with errors that list the valid names and settings."""
+    """Make the optimizer ``name``, with errors that list the valid names and settings.
+
+    ``x0`` is where the search starts: CMA-ES's initial mean; the first candidate
+    of the other backends. None: the centre of the box.
+    """
     if name not in OPTIMIZERS:
         raise EvomergeError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     cls = OPTIMIZERS[name]
@@ -42,4 +47,5 @@ def build_optimizer(
     if unknown:
         raise EvomergeError(f"optimizer {name}: unknown setting {unknown[0]!r}; valid: {', '.join(valid) or 'none'}")
     check_problem(cls, dim, names, directions)
-    return cls(dim=dim, names=list(names), directions=list(directions), seed=seed, state_dir=state_dir, **settings)
+    return cls(dim=dim, names=list(names), directions=list(directions), seed=seed, state_dir=state_dir, x0=x0,
+               **settings)

@@ -93,7 +93,7 @@ class Runner:
         return build_optimizer(
             self.space.optimizer.name, dim=self.genome.dim, names=self.genome.names,
             directions=self.objective.directions, seed=self.space.seed, state_dir=self.run_dir.optimizer_dir,
-            settings=dict(self.space.optimizer.settings),
+            settings=dict(self.space.optimizer.settings), x0=self.genome.x0(),
         )
 
     # -- resume --------------------------------------------------------------

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
@@ -81,6 +83,23 @@ class DataflowGenome(Genome):
         )
         self.scale_genes = [Gene(n, lo, hi) for n in names]
         self.genes = self.indicator_genes + self.scale_genes
+
+    def x0(self) -> np.ndarray | None:
+        """The anchor's own path, when the anchor is a source: its middle layers on, every scale 1.
+
+        A staged search's data-flow stage thus starts at the parameter stage's
+        winner and explores from there, instead of from a random half of the slots.
+        """
+        if all(m.path != self.anchor.path for m, _ in self.slots):
+            return None
+        anchor_slots = [t for t, (m, i) in enumerate(self.slots[: len(self.slots) // self.config.repeats])
+                        if m.path == self.anchor.path and 0 < i < self.anchor.num_layers - 1]
+        threshold = self.config.threshold
+        x = np.full(self.dim, threshold / 2)
+        x[anchor_slots] = (1 + threshold) / 2
+        lo, hi = self.config.scale_bounds
+        x[len(self.slots):] = min(max((1.0 - lo) / (hi - lo), 0.0), 1.0)
+        return x
 
     def path(self, x) -> list[tuple[int, str, int, float]]:
         """The decoded path: (position, model path, layer, input scale) per step."""

@@ -56,6 +56,10 @@ class Genome(ABC):
         x = self.check(x)
         return {g.name: g.value(u) for g, u in zip(self.genes, x)}
 
+    def x0(self) -> np.ndarray | None:
+        """Where a search should start, if the genome has a natural start point (None: the box centre)."""
+        return None
+
     @abstractmethod
     def decode(self, x) -> Recipe:
         """The recipe this genome vector stands for (pure: same x, same recipe)."""
