@@ -294,7 +294,7 @@ def status(
     space = run.space()
     journal = run.journal()
     failed = [e for e in journal if not e.ok]
-    names = [f.name for f in space.objective.fitness]
+    names = space.objective.names
     out_console.print(f"[bold]{run.path}[/]: {len(journal)}/{space.budget} evaluations, {len(failed)} failed, "
                       f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
     grid = Table(title=f"best {top} (validation)")

@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-#: Metrics every candidate has, whatever the evaluators.
-BUILTIN_METRICS = ("merge/num_layers",)
+def builtin_metrics(model) -> dict[str, float]:
+    """Metrics every candidate has, whatever the evaluators: its decoder depth."""
+    return {"merge/num_layers": float(model.config.num_hidden_layers)}
 
 
 class Fitness(BaseModel):
@@ -76,6 +77,10 @@ class Objective(BaseModel):
     @property
     def directions(self) -> list[str]:
         return [f.direction for f in self.fitness]
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fitness]
 
     def values(self, metrics: dict[str, float]) -> list[float]:
         """Fitness values, one per objective; a metric missing from ``metrics`` is a KeyError naming it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,8 @@ class Candidate:
     genes: dict[str, float]
     recipe: dict[str, Any]
     attempts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: why the genome did not decode to a recipe (the candidate fails without reaching a worker)
+    decode_error: str | None = None
 
 
 @dataclass

@@ -34,16 +34,17 @@ def choose(run: RunDir, rank: int = 1) -> Evaluation:
 
 
 def score_dir(path: Path, evaluators: list[dict]) -> dict[str, float]:
-    """Metrics of the HF model at ``path`` under ``evaluators`` (loaded as transformers would)."""
+    """Metrics of the HF model at ``path`` under ``evaluators`` plus the built-in ones (loaded as transformers would)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.evaluation.objective import builtin_metrics
     from evomerge.evaluation.registry import build_evaluator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    metrics: dict[str, float] = {}
+    metrics = builtin_metrics(model)
     for spec in evaluators:
         evaluator = build_evaluator(spec)
         evaluator.setup(model, tokenizer)
@@ -62,20 +63,17 @@ def export_run(run: RunDir, out: Path, *, rank: int = 1, force: bool = False, sc
     chosen = choose(run, rank)
     recipe = Recipe.model_validate(chosen.recipe)
     scores: dict = {"candidate": chosen.id, "rank": rank, "genes": chosen.genes,
-                    "validation": {"metrics": chosen.metrics, "fitness": dict(zip(
-                        [f.name for f in space.objective.fitness], chosen.fitness))}}
+                    "validation": {"metrics": chosen.metrics,
+                                   "fitness": dict(zip(space.objective.names, chosen.fitness))}}
 
     def finalize(tmp: Path) -> None:
         (tmp / RECIPE_YAML).write_text(recipe.to_yaml())
         if score:
             say(f"scoring candidate #{chosen.id} on the test split")
             metrics = score_dir(tmp, space.objective.for_split("test"))
-            metrics["merge/num_layers"] = float(json.loads((tmp / "config.json").read_text()).get(
-                "num_hidden_layers", 0))
             scores["test"] = {"metrics": metrics}
             try:
-                scores["test"]["fitness"] = dict(zip([f.name for f in space.objective.fitness],
-                                                     space.objective.values(metrics)))
+                scores["test"]["fitness"] = dict(zip(space.objective.names, space.objective.values(metrics)))
             except KeyError:
                 pass  # a fitness built on a metric only the validation evaluators give
         (tmp / SCORES).write_text(json.dumps(scores, indent=2) + "\n")

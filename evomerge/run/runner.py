@@ -156,7 +156,7 @@ class Runner:
         try:
             recipe = self.genome.decode(x).to_dict()
         except EvomergeError as exc:
-            return Candidate(cid, x, genes, {}, extra={"decode_error": str(exc)})
+            return Candidate(cid, x, genes, {}, decode_error=str(exc))
         return Candidate(cid, x, genes, recipe)
 
     def _tell(self, evaluation: Evaluation) -> None:
@@ -221,19 +221,19 @@ class Runner:
 
     def _loop(self, executor: Executor, budget: int) -> None:
         free = list(range(executor.workers))
-        inflight: dict[int, int] = {}
+        inflight = 0
         workers = self.progress.workers
         while True:
             while free:
-                candidate = self._next(budget, len(inflight))
+                candidate = self._next(budget, inflight)
                 if candidate is None:
                     break
-                if "decode_error" in candidate.extra:
-                    self._record(candidate, {"status": "failed", "error": candidate.extra["decode_error"]})
+                if candidate.decode_error is not None:
+                    self._record(candidate, {"status": "failed", "error": candidate.decode_error})
                     continue
                 worker = free.pop(0)
                 executor.submit(worker, candidate)
-                inflight[candidate.id] = worker
+                inflight += 1
                 workers[worker] = f"evaluating #{candidate.id}"
             self.on_event(self.progress)
             if not inflight:
@@ -241,12 +241,10 @@ class Runner:
                     raise EvomergeError("the optimizer stopped asking before the budget was spent")
                 return
             for finished in executor.wait(timeout=0.5):
-                inflight.pop(finished.candidate.id)
-                self._finish(executor, finished)
+                inflight -= 1
+                self._finish(executor, finished)  # a dead worker is replaced before this returns
                 free.append(finished.worker)
-                workers.setdefault(finished.worker, "idle")
-                if workers[finished.worker].startswith("evaluating"):
-                    workers[finished.worker] = "idle"
+                workers[finished.worker] = "idle"
 
     def _finish(self, executor: Executor, finished: Finished) -> None:
         candidate = finished.candidate

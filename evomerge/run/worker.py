@@ -66,13 +66,14 @@ class EvalWorker:
         import torch
 
         from evomerge.errors import EvomergeError
+        from evomerge.evaluation.objective import builtin_metrics
         from evomerge.recipe import Recipe
 
         start = time.perf_counter()
         result: dict[str, Any] = {"id": candidate_id, "worker": self.worker_id, "metrics": {}, "error": None}
         try:
             model = self.merger.materialize(Recipe.model_validate(recipe))
-            metrics: dict[str, float] = {"merge/num_layers": float(model.config.num_hidden_layers)}
+            metrics = builtin_metrics(model)
             for evaluator in self.evaluators:
                 scores = evaluator(model, self.tokenizer)
                 clash = sorted(set(scores) & set(metrics))

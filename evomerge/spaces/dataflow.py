@@ -70,17 +70,16 @@ class DataflowGenome(Genome):
         lo, hi = config.scale_bounds
         # path positions: 0 = anchor's first block, 1..T = slots, T + 1 = anchor's last block
         label = ["start", *(f"{t}" for t in range(T)), "end"]
+        # scale_index maps a (from, to) pair of positions to its scale gene
+        pairs = [(i, j) for j in range(1, T + 2) for i in range(j)]
         if config.scales == "pair":
-            self.scale_index = {(i, j): k for k, (i, j) in enumerate((i, j) for j in range(1, T + 2) for i in range(j))}
+            self.scale_index = {pair: k for k, pair in enumerate(pairs)}
+            names = [f"scale[{label[i]}->{label[j]}]" for i, j in pairs]
         elif config.scales == "slot":
-            self.scale_index = {(i, j): j - 1 for j in range(1, T + 2) for i in range(j)}
+            self.scale_index = {(i, j): j - 1 for i, j in pairs}
+            names = [f"scale[->{label[j]}]" for j in range(1, T + 2)]
         else:
-            self.scale_index = {}
-        names = (
-            [f"scale[{label[i]}->{label[j]}]" for (i, j) in self.scale_index]
-            if config.scales == "pair"
-            else [f"scale[->{label[j]}]" for j in range(1, T + 2)] if config.scales == "slot" else []
-        )
+            self.scale_index, names = {}, []
         self.scale_genes = [Gene(n, lo, hi) for n in names]
         self.genes = self.indicator_genes + self.scale_genes
 
@@ -113,8 +112,8 @@ class DataflowGenome(Genome):
         for position, model, layer in nodes:
             scale = 1.0
             if previous is not None and self.scale_index:
-                gene = self.scale_genes[self.scale_index[(previous, position)]]
-                scale = gene.value(x[T + self.scale_index[(previous, position)]])
+                k = self.scale_index[(previous, position)]
+                scale = self.scale_genes[k].value(x[T + k])
             steps.append((position, model, layer, scale))
             previous = position
         return steps
