@@ -141,6 +141,62 @@ def merge(
     console.print(f"merged model written to [bold]{out_dir}[/]")
 
 
+@app.command("adamerge")
+def adamerge_cmd(
+    config: Path = typer.Argument(..., help="AdaMerging YAML: base_model, tasks (model + unlabeled data), settings."),
+    out_dir: Path = typer.Argument(..., help="Output Hugging Face model directory."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this search run's best recipe (refine an evolved merge)."),
+    granularity: Optional[str] = typer.Option(None, "--granularity", help="task, layer or tensor (overrides the config)."),
+    plus_plus: Optional[bool] = typer.Option(None, "--plus-plus/--no-plus-plus", help="AdaMerging++: TIES-trimmed task vectors."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Adam steps (overrides the config)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (overrides the config)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batch sampling (overrides the config)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
+) -> None:
+    """Learn merge coefficients by entropy minimisation (AdaMerging) and export the merge.
+
+    Task vectors of the tasks' fine-tuned models are merged onto the base with
+    one coefficient per task (task-wise), per task and layer (layer-wise) or
+    per task and tensor, trained with Adam to minimise the merged model's
+    prediction entropy on each task's unlabeled inputs; no labels are used.
+    Writes the merged model, its mergekit recipe (recipe.yaml) and
+    adamerging.json (coefficients, entropy before/after, losses).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.adamerging.config import AdaMergingConfig
+    from evomerge.adamerging.export import adamerge_to_dir
+
+    cfg = AdaMergingConfig.from_file(config).with_settings(
+        granularity=granularity, plus_plus=plus_plus, steps=steps, lr=lr, seed=seed)
+    if out_dir.exists() and not force:
+        raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
+    with console.status("resolving models") as status:
+        cfg = cfg.resolved(relative_to=config.parent, progress=status.update)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        bars: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int, loss: float) -> None:
+            if phase not in bars:
+                bars[phase] = bar.add_task(phase, total=total, info="")
+            bar.update(bars[phase], completed=done, total=total,
+                       info=f"entropy {loss:.4f}" if phase == "training" else "")
+
+        result = adamerge_to_dir(cfg, out_dir, init_run=init, force=force, device=device, progress=progress)
+    grid = Table(title=f"{cfg.granularity}-wise AdaMerging{'++' if cfg.plus_plus else ''} coefficients")
+    for col in ("task", "mean", "min", "max"):
+        grid.add_column(col, justify="right" if col != "task" else "left")
+    for task, row in zip(cfg.tasks, result.coefficients):
+        grid.add_row(task.label, f"{row.mean():.3f}", f"{row.min():.3f}", f"{row.max():.3f}")
+    out_console.print(grid)
+    out_console.print(f"mean entropy per task: {result.initial_entropy:.4f} at the start, {result.final_entropy:.4f} learned")
+    if result.stopped:
+        console.print(f"[yellow]stopped early:[/] {result.stopped}")
+    console.print(f"merged model written to [bold]{out_dir}[/]")
+
+
 def _end_live_line() -> None:
     if not console.is_terminal:
         console.line()  # rich leaves a non-terminal live display's last line open

@@ -122,3 +122,14 @@ def line_of(text: str, loc: list) -> int | None:
         else:
             continue
     return line
+
+
+def with_overrides(model: M, overrides: dict[str, Any]) -> M:
+    """A copy of ``model`` with CLI overrides (``None`` values ignored), validated again."""
+    data = model.model_dump(mode="json")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return type(model).model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+        raise EvomergeError(f"invalid override: {problems}") from None

@@ -22,10 +22,10 @@ working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.objective import Objective
@@ -33,7 +33,7 @@ from evomerge.spaces.dataflow import DataflowGenomeConfig
 from evomerge.spaces.genome import Genome
 from evomerge.spaces.models import PoolModel, open_pool, resolve_ref
 from evomerge.spaces.parameter import ParameterGenomeConfig
-from evomerge.yamlconfig import parse_yaml, read_text, validate
+from evomerge.yamlconfig import parse_yaml, read_text, validate, with_overrides
 
 #: Evaluator settings that name files or directories (resolved like model references).
 PATH_SETTINGS = ("include_path", "path", "data")
@@ -68,7 +68,7 @@ class OptimizerConfig(_Strict):
 
 
 GenomeConfig = Annotated[
-    Union[ParameterGenomeConfig, DataflowGenomeConfig, StagedGenomeConfig], Field(discriminator="type")
+    ParameterGenomeConfig | DataflowGenomeConfig | StagedGenomeConfig, Field(discriminator="type")
 ]
 
 
@@ -95,13 +95,7 @@ class SearchSpace(_Strict):
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
         """A copy with CLI overrides (``None`` values ignored), validated again."""
-        data = self.model_dump(mode="json")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return type(self).model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
-            raise EvomergeError(f"invalid override: {problems}") from None
+        return with_overrides(self, overrides)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -106,12 +106,13 @@ def resolve_zoo_ref(ref: str, *, seed: int = 0, progress=None) -> Path:
     """Path of ``zoo:KIND/SIZE/MEMBER``, building the zoo into the cache on first use.
 
     MEMBER is a model of the zoo (``base`` or a fine-tune task name) or ``tasks``
-    (the lm-eval task directory, for an evaluator's ``include_path``).
+    (the lm-eval task directory, for an evaluator's ``include_path``); a path
+    may follow it to name a file inside, e.g. ``zoo:lm/small/tasks/unlabeled.jsonl``.
     """
     parts = ref[len(ZOO_PREFIX):].strip("/").split("/")
-    if len(parts) != 3 or not all(parts):
+    if len(parts) < 3 or not all(parts):
         raise EvomergeError(f"{ref!r}: a zoo reference is zoo:KIND/SIZE/MEMBER, e.g. zoo:lm/small/shift")
-    kind, size, member = parts
+    (kind, size, member), inside = parts[:3], parts[3:]
     from evomerge.zoo import ZOO_KINDS, build_zoo
 
     if kind not in ZOO_KINDS or size not in ZOO_KINDS[kind]:
@@ -120,7 +121,12 @@ def resolve_zoo_ref(ref: str, *, seed: int = 0, progress=None) -> Path:
     path = default_zoo_dir(kind, size, seed)
     info = build_zoo(kind, size, path, seed=seed, progress=progress)  # reuses an identical zoo at once
     if member == "tasks":
-        return info.tasks_dir
-    if member not in info.models:
+        found = info.tasks_dir
+    elif member in info.models:
+        found = info.models[member]
+    else:
         raise EvomergeError(f"{ref!r}: the {kind}/{size} zoo has no model {member!r}; it has {', '.join(info.models)}")
-    return info.models[member]
+    found = found.joinpath(*inside)
+    if not found.exists():
+        raise EvomergeError(f"{ref!r}: no {'/'.join(inside)} in {found.parent}")
+    return found
