@@ -157,7 +157,7 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
     for step in range(settings.steps):
         loss = loss_on(sample())
         if not torch.isfinite(loss):
-            stopped = f"loss became {float(loss)} at step {step + 1}; kept the coefficients of step {step}"
+            stopped = f"loss became {loss.item()} at step {step + 1}; kept the coefficients of step {step}"
             log.warning("adamerging: %s", stopped)
             break
         good = raw.detach().clone()
