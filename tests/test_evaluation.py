@@ -86,6 +86,16 @@ def test_entropy_is_uniform_for_a_blank_head_and_lower_when_trained(tiny_zoo, li
     assert 0 < trained < uniform
 
 
+def test_named_evaluators_prefix_their_metrics(tiny_zoo, live):
+    model, tok = live
+    path = str(tiny_zoo.tasks_dir / "unlabeled.jsonl")
+    plain = build_evaluator({"type": "entropy", "path": path})(model, tok)
+    named = build_evaluator({"type": "entropy", "path": path, "name": "copy"})(model, tok)
+    assert named == {"copy/entropy": plain["entropy"]}
+    with pytest.raises(EvomergeError, match="name must be a non-empty string without '/'"):
+        build_evaluator({"type": "entropy", "path": path, "name": "a/b"})
+
+
 def test_perplexity_equals_vocab_size_for_a_blank_head(tiny_zoo, live, tmp_path):
     model, tok = live
     data = tmp_path / "texts.jsonl"

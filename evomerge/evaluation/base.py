@@ -23,6 +23,9 @@ class Evaluator(ABC):
 
     #: Registry name, e.g. ``"lm_eval"``.
     name: str = ""
+    #: Set from a config's ``name:``; metrics are then reported as ``prefix/metric``, so two
+    #: evaluators of one type (say, accuracy on two tasks) do not clash.
+    prefix: str | None = None
 
     def setup(self, model, tokenizer) -> None:  # noqa: B027  (optional hook)
         """Per-worker preparation that does not depend on the candidate's weights."""
@@ -39,7 +42,8 @@ class Evaluator(ABC):
             raise
         except Exception as exc:  # a plugin failure is the candidate's failure, not the worker's
             raise EvaluationError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-        return check_metrics(self.name, metrics)
+        metrics = check_metrics(self.name, metrics)
+        return {f"{self.prefix}/{k}": v for k, v in metrics.items()} if self.prefix else metrics
 
 
 def check_metrics(source: str, metrics: Any) -> dict[str, float]:

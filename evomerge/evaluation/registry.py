@@ -22,10 +22,14 @@ def _load_builtin() -> None:
 
 
 def build_evaluator(spec: dict[str, Any]) -> Evaluator:
-    """Make an evaluator from ``{"type": name, **settings}``, with clear errors for bad settings."""
+    """Make an evaluator from ``{"type": name, **settings}``, with clear errors for bad settings.
+
+    An optional ``name`` prefixes the evaluator's metrics (``name/metric``).
+    """
     _load_builtin()
     spec = dict(spec)
     kind = spec.pop("type", None)
+    prefix = spec.pop("name", None)
     if kind not in EVALUATORS:
         raise EvomergeError(f"unknown evaluator {kind!r}; known: {', '.join(sorted(EVALUATORS))}")
     cls = EVALUATORS[kind]
@@ -37,4 +41,8 @@ def build_evaluator(spec: dict[str, Any]) -> Evaluator:
     missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty and p not in spec]
     if missing:
         raise EvomergeError(f"evaluator {kind}: missing setting {missing[0]!r}")
-    return cls(**spec)
+    if prefix is not None and (not isinstance(prefix, str) or not prefix or "/" in prefix):
+        raise EvomergeError(f"evaluator {kind}: name must be a non-empty string without '/', not {prefix!r}")
+    evaluator = cls(**spec)
+    evaluator.prefix = prefix
+    return evaluator
