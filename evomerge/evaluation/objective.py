@@ -104,3 +104,29 @@ class Objective(BaseModel):
             return spec
 
         return [switched(spec) if spec["type"] == "lm_eval" else dict(spec) for spec in self.evaluators]
+
+
+class Surrogate(Fitness):
+    """Screening: a cheap score ranks each asked batch; only the best ``keep`` fraction is fully evaluated.
+
+    Declared in a search space's ``surrogate`` section::
+
+        surrogate:
+          evaluators:
+            - {type: entropy, path: zoo:lm/small/tasks/unlabeled.jsonl}
+          metrics: [entropy]
+          direction: minimize
+          keep: 0.5          # fraction of each batch that gets the full evaluation
+          batch: 8           # candidates screened together (default: 4 per worker)
+
+    The rest of a batch is journaled as screened and told an estimate; see
+    ``evomerge.run.screening``.
+    """
+
+    name: str = "surrogate"
+    direction: Literal["maximize", "minimize"] = "minimize"
+    evaluators: list[dict[str, Any]] = Field(min_length=1)
+    keep: float = Field(0.5, gt=0, le=1)
+    batch: int | None = Field(None, ge=2)
+
+    _typed = field_validator("evaluators")(Objective._typed.__func__)

@@ -33,6 +33,8 @@ class Candidate:
     attempts: int = 0
     #: why the genome did not decode to a recipe (the candidate fails without reaching a worker)
     decode_error: str | None = None
+    #: "full" (the objective's evaluators) or "surrogate" (the screening score only)
+    mode: str = "full"
 
 
 @dataclass
@@ -95,7 +97,7 @@ class LocalExecutor(Executor):
         self._queue.append(candidate)
 
     def wait(self, timeout: float) -> list[Finished]:
-        done = [Finished(0, c, self._worker.evaluate(c.id, c.recipe)) for c in self._queue]
+        done = [Finished(0, c, self._worker.evaluate(c.id, c.recipe, c.mode)) for c in self._queue]
         self._queue.clear()
         return done
 
@@ -149,7 +151,7 @@ class RayExecutor(Executor):
             raise EvomergeError(f"a worker failed to start: {_first_line(exc)}") from None
 
     def submit(self, worker: int, candidate: Candidate) -> None:
-        ref = self._actors[worker].evaluate.remote(candidate.id, candidate.recipe)
+        ref = self._actors[worker].evaluate.remote(candidate.id, candidate.recipe, candidate.mode)
         self._inflight[ref] = (worker, candidate)
 
     def wait(self, timeout: float) -> list[Finished]:

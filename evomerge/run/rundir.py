@@ -51,6 +51,10 @@ class Evaluation:
     worker: int | None = None
     seconds: float = 0.0
     attempts: int = 1
+    #: the surrogate score, when the space screens candidates (see evomerge.run.screening)
+    surrogate: float | None = None
+    #: True when the candidate was not fully evaluated and ``fitness`` is the estimate it was told
+    screened: bool = False
 
     @property
     def ok(self) -> bool:

@@ -18,7 +18,9 @@ worker and a fixed seed the resumed journal equals an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from evomerge.errors import EvomergeError
 from evomerge.optimize.base import CorruptStateError
 from evomerge.run.executor import Candidate, Executor, Finished
 from evomerge.run.rundir import OPTIMIZER, Evaluation, RunDir
+from evomerge.run.screening import estimate, split_batch
 from evomerge.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class RunProgress:
     session_start: float = field(default_factory=time.monotonic)
     workers: dict[int, str] = field(default_factory=dict)
     retried: int = 0
+    #: candidates screened out by the surrogate (not counted in ``done``)
+    screened: int = 0
     #: wall seconds of this session's loop, from workers ready to the last result
     loop_seconds: float = 0.0
 
@@ -65,9 +70,9 @@ def better(a: Evaluation, b: Evaluation | None, directions: list[str]) -> bool:
 
 
 def ranked(evaluations: list[Evaluation], directions: list[str]) -> list[Evaluation]:
-    """Successful evaluations, best first by the first objective (then by id)."""
+    """Successful full evaluations (screened ones only have estimates), best first by the first objective."""
     sign = -1.0 if directions[0] == "maximize" else 1.0
-    return sorted((e for e in evaluations if e.ok), key=lambda e: (sign * e.fitness[0], e.id))
+    return sorted((e for e in evaluations if e.ok and not e.screened), key=lambda e: (sign * e.fitness[0], e.id))
 
 
 class Runner:
@@ -163,16 +168,23 @@ class Runner:
         self.optimizer.tell(evaluation.id, evaluation.fitness if evaluation.ok else None)
         self.optimizer.save()
 
+    def _full_count(self) -> int:
+        """Evaluations that count against the budget: all but the screened ones."""
+        return len(self.done) - self.progress.screened
+
     def _count(self, e: Evaluation) -> None:
-        self.progress.done = len(self.done)
+        self.progress.screened += e.screened
+        self.progress.done = self._full_count()
         self.progress.failed += not e.ok
-        if e.ok and better(e, self.progress.best, self.objective.directions):
+        if e.ok and not e.screened and better(e, self.progress.best, self.objective.directions):
             self.progress.best = e
 
-    def _record(self, candidate: Candidate, result: dict, *, attempts: int | None = None) -> Evaluation:
+    def _record(self, candidate: Candidate, result: dict, *, attempts: int | None = None,
+                surrogate: float | None = None, estimate: list[float] | None = None) -> Evaluation:
+        """Journal and tell one result; ``estimate`` marks a screened candidate and is what it is told."""
         status, metrics, error = result["status"], result.get("metrics", {}), result.get("error")
-        fitness = None
-        if status == "ok":
+        fitness = estimate
+        if status == "ok" and estimate is None:
             try:
                 fitness = self.objective.values(metrics)
             except KeyError as exc:
@@ -181,6 +193,7 @@ class Runner:
             id=candidate.id, genes=candidate.genes, x=[float(v) for v in candidate.x], recipe=candidate.recipe,
             metrics=metrics, fitness=fitness, status=status, error=error, worker=result.get("worker"),
             seconds=round(float(result.get("seconds", 0.0)), 4), attempts=candidate.attempts + 1 if attempts is None else attempts,
+            surrogate=surrogate, screened=estimate is not None,
         )
         self.run_dir.append(evaluation)
         self._tell(evaluation)
@@ -194,7 +207,7 @@ class Runner:
         """Evaluate until the budget is spent; Ctrl-C stops (resume continues from the journal)."""
         self._recover()
         budget = self.space.budget
-        if len(self.done) >= budget and not self.queue:
+        if self._full_count() >= budget and not self.queue:
             return self.progress
         executor = self._executor_factory(self.space)
         try:
@@ -202,7 +215,10 @@ class Runner:
             self.progress.session_start = time.monotonic()  # rates count evaluation time, not start-up
             self.progress.workers = {i["worker"]: f"idle ({i['device']})" for i in infos}
             self.on_event(self.progress)
-            self._loop(executor, budget)
+            if self.space.surrogate is None:
+                self._loop(executor, budget)
+            else:
+                self._screened_loop(executor, budget)
             self.progress.loop_seconds = time.monotonic() - self.progress.session_start
         finally:
             executor.shutdown()
@@ -211,7 +227,7 @@ class Runner:
     def _next(self, budget: int, inflight: int) -> Candidate | None:
         if self.queue:
             return self.queue.pop(0)
-        if len(self.done) + inflight >= budget:
+        if self._full_count() + inflight >= budget:
             return None
         ask = self.optimizer.ask()
         if ask is None:  # generational optimizer waiting for this generation's results
@@ -237,7 +253,7 @@ class Runner:
                 workers[worker] = f"evaluating #{candidate.id}"
             self.on_event(self.progress)
             if not inflight:
-                if len(self.done) < budget and not self.queue:
+                if self._full_count() < budget and not self.queue:
                     raise EvomergeError("the optimizer stopped asking before the budget was spent")
                 return
             for finished in executor.wait(timeout=0.5):
@@ -251,6 +267,15 @@ class Runner:
         if finished.lost is None:
             self._record(candidate, finished.result)
             return
+        failed = self._lost(executor, finished)
+        if failed is None:
+            self.queue.insert(0, candidate)
+        else:
+            self._record(candidate, failed, attempts=candidate.attempts)
+
+    def _lost(self, executor: Executor, finished: Finished) -> dict | None:
+        """Replace a dead worker; ``None`` when its candidate should be retried, else the failed result."""
+        candidate = finished.candidate
         candidate.attempts += 1
         self.progress.retried += 1
         log.warning("worker %d died evaluating #%d (%s)", finished.worker, candidate.id, finished.lost)
@@ -258,8 +283,90 @@ class Runner:
         self.on_event(self.progress)
         executor.replace(finished.worker)
         if candidate.attempts <= self.max_retries:
-            self.queue.insert(0, candidate)
-        else:
-            self._record(candidate, {"status": "failed", "worker": finished.worker,
-                                     "error": f"worker died {candidate.attempts} times: {finished.lost}"},
-                         attempts=candidate.attempts)
+            return None
+        return {"status": "failed", "worker": finished.worker,
+                "error": f"worker died {candidate.attempts} times: {finished.lost}"}
+
+    # -- screening -------------------------------------------------------------
+    def _screened_loop(self, executor: Executor, budget: int) -> None:
+        """Batches ranked by the surrogate; the best ``keep`` fraction evaluated fully (see run.screening)."""
+        surrogate = self.space.surrogate
+        size = surrogate.batch or 4 * executor.workers
+        while True:
+            if self.queue:  # in flight when the run stopped: evaluated fully, as without screening
+                batch, self.queue = self.queue, []
+                for candidate, result in self._map(executor, batch):
+                    self._record(candidate, result)
+                continue
+            remaining = budget - self._full_count()
+            if remaining <= 0:
+                return
+            asked = []
+            while len(asked) < min(size, math.ceil(remaining / surrogate.keep)):
+                ask = self.optimizer.ask()
+                if ask is None:  # a generational optimizer's generation is complete
+                    break
+                self.optimizer.save()
+                asked.append(self._candidate(ask.id, ask.x))
+            if not asked:
+                raise EvomergeError("the optimizer stopped asking before the budget was spent")
+            self._screen(executor, asked, remaining)
+
+    def _screen(self, executor: Executor, asked: list[Candidate], remaining: int) -> None:
+        surrogate = self.space.surrogate
+        scores: dict[int, float] = {}
+        by_id = {c.id: c for c in asked}
+        for candidate in asked:
+            if candidate.decode_error is not None:
+                self._record(candidate, {"status": "failed", "error": candidate.decode_error})
+        probes = [dataclasses.replace(c, mode="surrogate") for c in asked if c.decode_error is None]
+        for candidate, result in self._map(executor, probes):
+            try:
+                if result["status"] != "ok":
+                    raise KeyError(result.get("error"))
+                scores[candidate.id] = surrogate.value(result["metrics"])
+            except KeyError as exc:  # a candidate the surrogate cannot score is a failed candidate
+                self._record(by_id[candidate.id], {**result, "status": "failed", "error": f"surrogate: {exc.args[0]}"})
+        if not scores:
+            return
+        left = remaining - sum(1 for c in asked if c.id not in scores)
+        kept, screened = split_batch(scores, surrogate.keep, surrogate.direction, max(1, left))
+        batch_fitness = []
+        for candidate, result in self._map(executor, [by_id[cid] for cid in kept]):
+            evaluation = self._record(candidate, result, surrogate=scores[candidate.id])
+            if evaluation.ok:
+                batch_fitness.append(evaluation.fitness)
+        history = [(e.surrogate, e.fitness) for e in self.done.values()
+                   if e.ok and not e.screened and e.surrogate is not None]
+        for cid in screened:
+            if not batch_fitness:
+                self._record(by_id[cid], {"status": "failed", "error": "screened out, and no candidate of its batch "
+                                                                       "was evaluated successfully to estimate from"})
+                continue
+            told = estimate(scores[cid], history, batch_fitness, self.objective.directions)
+            self._record(by_id[cid], {"status": "ok", "metrics": {}}, surrogate=scores[cid], estimate=told)
+
+    def _map(self, executor: Executor, candidates: list[Candidate]) -> list[tuple[Candidate, dict]]:
+        """Evaluate ``candidates`` on the pool (all workers idle on entry) and return every result."""
+        pending, free, inflight, out = list(candidates), list(range(executor.workers)), 0, []
+        workers = self.progress.workers
+        while pending or inflight:
+            while free and pending:
+                candidate, worker = pending.pop(0), free.pop(0)
+                executor.submit(worker, candidate)
+                inflight += 1
+                workers[worker] = f"{'screening' if candidate.mode == 'surrogate' else 'evaluating'} #{candidate.id}"
+            self.on_event(self.progress)
+            for finished in executor.wait(timeout=0.5):
+                inflight -= 1
+                if finished.lost is None:
+                    out.append((finished.candidate, finished.result))
+                else:
+                    failed = self._lost(executor, finished)
+                    if failed is None:
+                        pending.insert(0, finished.candidate)
+                    else:
+                        out.append((finished.candidate, failed))
+                free.append(finished.worker)
+                workers[finished.worker] = "idle"
+        return out

@@ -53,16 +53,22 @@ class EvalWorker:
         self.merger = ResidentMerger(space_obj.models.base, list(space_obj.models.sources), device=device,
                                      threads=threads or torch.get_num_threads())
         self.tokenizer = AutoTokenizer.from_pretrained(space_obj.models.base)
-        self.evaluators = [build_evaluator(spec) for spec in space_obj.objective.evaluators]
-        for evaluator in self.evaluators:
-            evaluator.setup(self.merger.model, self.tokenizer)
+        self.evaluators = {"full": [build_evaluator(spec) for spec in space_obj.objective.evaluators]}
+        if space_obj.surrogate is not None:
+            self.evaluators["surrogate"] = [build_evaluator(spec) for spec in space_obj.surrogate.evaluators]
+        for evaluators in self.evaluators.values():
+            for evaluator in evaluators:
+                evaluator.setup(self.merger.model, self.tokenizer)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (shown in the progress display)."""
         return {"worker": self.worker_id, "pid": self.pid, "device": self.merger.device}
 
-    def evaluate(self, candidate_id: int, recipe: dict[str, Any]) -> dict[str, Any]:
-        """Materialize and score one candidate; never raises for a bad candidate."""
+    def evaluate(self, candidate_id: int, recipe: dict[str, Any], mode: str = "full") -> dict[str, Any]:
+        """Materialize and score one candidate; never raises for a bad candidate.
+
+        ``mode`` picks the evaluators: ``full`` (the objective's) or ``surrogate`` (screening).
+        """
         import torch
 
         from evomerge.errors import EvomergeError
@@ -74,7 +80,7 @@ class EvalWorker:
         try:
             model = self.merger.materialize(Recipe.model_validate(recipe))
             metrics = builtin_metrics(model)
-            for evaluator in self.evaluators:
+            for evaluator in self.evaluators[mode]:
                 scores = evaluator(model, self.tokenizer)
                 clash = sorted(set(scores) & set(metrics))
                 if clash:

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.objective import Objective
+from evomerge.evaluation.objective import Objective, Surrogate
 from evomerge.spaces.dataflow import DataflowGenomeConfig
 from evomerge.spaces.genome import Genome
 from evomerge.spaces.models import PoolModel, open_pool, resolve_ref
@@ -80,6 +80,8 @@ class SearchSpace(_Strict):
     models: ModelsConfig
     genome: GenomeConfig
     objective: Objective
+    #: optional screening of asked batches by a cheap score (see ``evomerge.run.screening``)
+    surrogate: Surrogate | None = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: int = Field(gt=0)
     workers: int = Field(1, ge=1)
@@ -111,7 +113,8 @@ class SearchSpace(_Strict):
         for g in (genome, genome.get("dataflow") or {}):
             if g.get("anchor"):
                 g["anchor"] = ref(g["anchor"])
-        for spec in data["objective"]["evaluators"]:
+        surrogate = (data.get("surrogate") or {}).get("evaluators", [])
+        for spec in [*data["objective"]["evaluators"], *surrogate]:
             for key in PATH_SETTINGS:
                 if isinstance(spec.get(key), str):
                     spec[key] = ref(spec[key])
@@ -136,7 +139,7 @@ class SearchSpace(_Strict):
             build_optimizer(self.optimizer.name, dim=genome.dim, names=genome.names,
                             directions=self.objective.directions, seed=self.seed, state_dir=Path(scratch),
                             settings=dict(self.optimizer.settings))
-        for spec in self.objective.evaluators:
+        for spec in [*self.objective.evaluators, *(self.surrogate.evaluators if self.surrogate else [])]:
             build_evaluator(spec)
 
     def build_genome(self) -> Genome:
