@@ -235,7 +235,8 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     def show(p) -> None:
         best = "—" if p.best is None else f"{p.best.fitness[0]:.4f} (#{p.best.id})"
         bar.update(task, completed=p.done, total=p.total,
-                   description=f"best {best} · {p.evals_per_min:.1f} evals/min · failed {p.failed}")
+                   description=f"best {best} · {p.evals_per_min:.1f} evals/min · failed {p.failed}"
+                   + (f" · screened {p.screened}" if p.screened else ""))
         states = "  ".join(f"w{w}: {s}" for w, s in sorted(p.workers.items()))
         live.update(Group(bar, f"[dim]{states}[/]"))
 
@@ -259,7 +260,8 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         raise typer.Exit(130) from None
     _end_live_line()
     best = progress.best
-    console.print(f"{progress.done} evaluations, {progress.failed} failed; "
+    console.print(f"{progress.done} evaluations, {progress.failed} failed"
+                  + (f", {progress.screened} screened out" if progress.screened else "") + "; "
                   + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
     if export and best is not None:
         with console.status("exporting the best candidate") as status:
@@ -350,9 +352,11 @@ def status(
     space = run.space()
     journal = run.journal()
     failed = [e for e in journal if not e.ok]
+    screened = sum(e.screened for e in journal)
     names = space.objective.names
-    out_console.print(f"[bold]{run.path}[/]: {len(journal)}/{space.budget} evaluations, {len(failed)} failed, "
-                      f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
+    out_console.print(f"[bold]{run.path}[/]: {len(journal) - screened}/{space.budget} evaluations, {len(failed)} failed, "
+                      + (f"{screened} screened out by the surrogate, " if screened else "")
+                      + f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
     grid = Table(title=f"best {top} (validation)")
     for col in ["rank", "id", *names, "layers", "seconds"]:
         grid.add_column(col, justify="right")
