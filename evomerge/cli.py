@@ -37,7 +37,7 @@ out_console = Console()
 
 @zoo_app.command("build")
 def zoo_build(
-    kind: str = typer.Argument(..., help="Zoo kind: 'lm' (Llama base + task fine-tunes)."),
+    kind: str = typer.Argument(..., help="Zoo kind: 'lm' (Llama base + task fine-tunes) or 'vision' (ViT + digit-image task fine-tunes, for AdaMerging)."),
     size: str = typer.Option("small", "--size", help="tiny (seconds, tests), small (demo, minutes), medium (~250M params, benchmarks)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Target directory (default: $EVOMERGE_CACHE/zoo/KIND-SIZE-seedN)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and training."),
@@ -61,7 +61,12 @@ def zoo_build(
     manifest = info.manifest
     console.print(f"zoo ready at [bold]{info.path}[/] (built in {manifest.get('build_seconds', '?')} s)")
     verification = manifest.get("verification")
-    if verification:
+    if verification and manifest.get("kind") == "vision":
+        _print_table("build verification: accuracy on the test split (each task with its own head)",
+                     verification["table"], manifest["finetune_tasks"])
+        gains = ", ".join(f"{t} {g:+.3f}" for t, g in verification["finetune_gain"].items())
+        out_console.print(f"fine-tune gain over the pre-trained encoder on own task: {gains}")
+    elif verification:
         _print_table(
             "build verification: greedy exact match, test split",
             verification["table"],
@@ -419,8 +424,9 @@ def _print_table(title: str, table: dict[str, dict[str, float]], tasks: list[str
         grid.add_column(t, justify="right")
     grid.add_column("avg", justify="right")
     for model, row in table.items():
-        avg = sum(row[t] for t in tasks) / len(tasks)
-        grid.add_row(model, *(f"{row[t]:.3f}" for t in tasks), f"{avg:.3f}")
+        # a fine-tune of the vision zoo is scored on its own task only
+        avg = f"{sum(row[t] for t in tasks) / len(tasks):.3f}" if all(t in row for t in tasks) else ""
+        grid.add_row(model, *(f"{row[t]:.3f}" if t in row else "" for t in tasks), avg)
     out_console.print(grid)
 
 

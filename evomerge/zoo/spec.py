@@ -132,3 +132,65 @@ LM_SIZES: dict[str, LMZooSpec] = {
         max_shard_size="200MB",
     ),
 }
+
+
+@dataclass(frozen=True)
+class VisionZooSpec:
+    """Everything that determines a vision zoo besides the seed.
+
+    A small ViT on 8x8 digit images is pre-trained once (masked-patch
+    reconstruction plus a little supervision) and fine-tuned, encoder only, on
+    each task; every task keeps a fixed CLIP-like head (see ``zoo.vision``).
+    """
+
+    size: str
+    tasks: tuple[str, ...]
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    patch_size: int = 2
+    # pre-training: masked-patch reconstruction on every task's training images,
+    # plus cross-entropy on `labels_per_task` labelled images of each task
+    pre_steps: int = 1000
+    pre_lr: float = 1e-3
+    pre_weight_decay: float = 0.05
+    pre_batch: int = 128
+    mask_ratio: float = 0.5
+    labels_per_task: int = 100
+    # fine-tunes: encoder only, against the task's fixed head
+    ft_steps: int = 300
+    ft_lr: float = 1e-4
+    ft_batch: int = 64
+    head_scale: float = 10.0
+    n_train: int = 1000
+    n_validation: int = 200
+    n_test: int = 397
+    n_unlabeled: int = 200
+    noise_std: float = 0.35
+    max_shard_size: str = "1MB"
+    threads: int = 2
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def finetune_tasks(self) -> list[str]:
+        return list(self.tasks)
+
+    def fingerprint(self, seed: int) -> str:
+        """Stable short hash of the spec and seed."""
+        blob = json.dumps({"kind": "vision", "spec": asdict(self), "seed": seed}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+VISION_SIZES: dict[str, VisionZooSpec] = {
+    # Mechanics only (tests): builds in seconds.
+    "tiny": VisionZooSpec(
+        size="tiny", tasks=("digits", "rotated", "inverted", "noisy"), hidden_size=32, num_layers=2, num_heads=2,
+        intermediate_size=64, pre_steps=150, ft_steps=60, ft_lr=1e-3, n_train=400, n_validation=100, n_test=200,
+        n_unlabeled=100, max_shard_size="100KB",
+    ),
+    "small": VisionZooSpec(
+        size="small", tasks=("digits", "rotated", "inverted", "noisy", "rolled"), hidden_size=64, num_layers=4,
+        num_heads=4, intermediate_size=128,
+    ),
+}
