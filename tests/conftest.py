@@ -11,3 +11,11 @@ def tiny_zoo(tmp_path_factory):
     from evomerge.zoo import build_zoo
 
     return build_zoo("lm", "tiny", tmp_path_factory.mktemp("zoo") / "lm-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_zoo(tmp_path_factory):
+    """The tiny vision zoo (ViT + 4 digit-image task fine-tunes), built once per session (~10 s)."""
+    from evomerge.zoo import build_zoo
+
+    return build_zoo("vision", "tiny", tmp_path_factory.mktemp("zoo") / "vision-tiny", seed=0)

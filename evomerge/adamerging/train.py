@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.adamerging.merge import FunctionalMerge, coefficients_from_recipe, recipe_for
 from evomerge.errors import EvomergeError
-from evomerge.io.live import load_model
+from evomerge.evaluation.entropy import prediction_entropy
+from evomerge.io.live import checkpoint_names, load_model
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,6 @@ class AdaMergingResult:
     recipe: Recipe
 
 
-def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of the predicted distribution; sequence logits use their last position."""
-    if logits.dim() == 3:
-        logits = logits[:, -1, :]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
-
-
 def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSettings | None = None, *,
              init: torch.Tensor | Recipe | None = None, device: str | None = None,
              progress: Callable[[int, int, float], None] | None = None) -> AdaMergingResult:
@@ -113,7 +106,8 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
     model = load_model(base, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    heads = _check_heads(tasks, model)
+    live_names = checkpoint_names(model)
+    heads = _check_heads(tasks, model, live_names)
     merge = FunctionalMerge(base, [t.source for t in tasks], granularity=settings.granularity,
                             plus_plus=settings.plus_plus, density=settings.density, exclude=heads, device=device)
     shape = (len(tasks), len(merge.groups))
@@ -128,13 +122,13 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
     raw.requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    task_heads = [{k: v.to(device) for k, v in t.head.items()} for t in tasks]
+    task_heads = [{live_names[k]: v.to(device) for k, v in t.head.items()} for t in tasks]
 
     def coefficients() -> torch.Tensor:
         return raw.clamp(0, 1) if settings.clamp else raw
 
     def loss_on(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        merged = merge.tensors(coefficients())
+        merged = {live_names[k]: v for k, v in merge.tensors(coefficients()).items()}
         total = torch.zeros((), device=device)
         for head, batch in zip(task_heads, batches):
             out = torch.func.functional_call(model, {**merged, **head}, args=(), kwargs=batch)
@@ -178,10 +172,11 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
     return AdaMergingResult(learned, merge.groups, sources, losses, initial, final, stopped, recipe)
 
 
-def _check_heads(tasks: list[EntropyTask], model) -> set[str]:
+def _check_heads(tasks: list[EntropyTask], model, live_names: dict[str, str]) -> set[str]:
     """Head tensor names (all tasks must name the same ones) checked against the live model."""
     names = set(tasks[0].head)
-    own = dict(model.named_parameters())
+    params = dict(model.named_parameters())
+    own = {name: params[live] for name, live in live_names.items() if live in params}
     for task in tasks:
         if set(task.head) != names:
             raise EvomergeError(
@@ -197,21 +192,3 @@ def _check_heads(tasks: list[EntropyTask], model) -> set[str]:
                     f"the model expects {list(own[name].shape)}"
                 )
     return names
-
-
-def entropy_of(merged_dir: str | Path, tasks: list[EntropyTask], device: str = "cpu") -> float:
-    """Mean per-task entropy of a merged model directory on all the tasks' inputs (heads swapped in)."""
-    model = load_model(merged_dir, device)
-    own = dict(model.named_parameters())
-    total = 0.0
-    with torch.no_grad():
-        saved = {k: own[k].detach().clone() for t in tasks for k in t.head}
-        for task in tasks:
-            for name, tensor in task.head.items():
-                own[name].copy_(tensor)
-            out = model(**{k: v.to(device) for k, v in task.inputs.items()})
-            total += float(prediction_entropy(out.logits))
-            for name, tensor in saved.items():
-                own[name].copy_(tensor)
-    return total / len(tasks)
-

@@ -13,30 +13,40 @@ from evomerge.recipe import Recipe
 
 def _kind(zoo) -> str:
     kind = zoo.manifest.get("kind", "lm")
-    if kind not in ("lm",):
+    if kind not in ("lm", "vision"):
         raise EvomergeError(f"{zoo.path}: no AdaMerging support for zoo kind {kind!r}")
     return kind
 
 
 def zoo_adamerging_config(zoo, **settings) -> AdaMergingConfig:
-    """One AdaMerging task per fine-tune of ``zoo``, on its unlabeled split."""
-    _kind(zoo)
-    unlabeled = str(zoo.tasks_dir / "unlabeled.jsonl")
-    tasks = [{"model": str(zoo.models[t]), "unlabeled": unlabeled, "where": {"task": t}, "name": t}
-             for t in zoo.finetune_tasks]
+    """One AdaMerging task per fine-tune of ``zoo``, on its unlabeled split (vision: with its own head)."""
+    if _kind(zoo) == "vision":
+        from evomerge.zoo.vision import HEAD_PREFIX, task_split
+
+        tasks = [{"model": str(zoo.models[t]), "unlabeled": str(task_split(zoo, t, "unlabeled")), "name": t,
+                  "head": [HEAD_PREFIX]} for t in zoo.finetune_tasks]
+    else:
+        unlabeled = str(zoo.tasks_dir / "unlabeled.jsonl")
+        tasks = [{"model": str(zoo.models[t]), "unlabeled": unlabeled, "where": {"task": t}, "name": t}
+                 for t in zoo.finetune_tasks]
     return AdaMergingConfig.model_validate({"base_model": str(zoo.models["base"]), "tasks": tasks, **settings})
 
 
 def zoo_evaluators(zoo, split: str) -> list[dict]:
     """Evaluator specs scoring every fine-tune task of ``zoo`` on ``split`` (validation or test)."""
-    _kind(zoo)
+    if _kind(zoo) == "vision":
+        from evomerge.zoo.vision import task_split
+
+        return [{"type": "accuracy", "name": t, "path": str(task_split(zoo, t, split)),
+                 "head_from": str(zoo.models[t]), "batch_size": 512} for t in zoo.finetune_tasks]
     return [{"type": "lm_eval", "include_path": str(zoo.tasks_dir), "tasks": [f"zoo_{t}" for t in zoo.finetune_tasks],
              "split": split, "batch_size": 200}]
 
 
 def task_accuracy(zoo, metrics: dict[str, float], task: str) -> float:
     """The accuracy of ``task`` among the metrics ``zoo_evaluators`` produce."""
-    _kind(zoo)
+    if _kind(zoo) == "vision":
+        return metrics[f"{task}/accuracy"]
     return metrics[f"zoo_{task}/exact_match"]
 
 

@@ -104,3 +104,73 @@ def read_jsonl_rows(path: str | Path, fields: tuple[str, ...], limit: int | None
     if not rows:
         raise EvomergeError(f"{path}: no rows with {want}")
     return rows
+
+
+def read_npz(path: str | Path, keys: tuple[str, ...], limit: int | None = None) -> dict[str, Any]:
+    """Arrays ``keys`` of an ``.npz`` file (first ``limit`` rows), with errors naming file and key."""
+    import numpy as np
+
+    try:
+        with np.load(path) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise EvomergeError(f"{path}: no array {missing[0]!r} (it has {', '.join(data.files) or 'none'})")
+            arrays = {k: data[k][:limit] for k in keys}
+    except (OSError, ValueError) as exc:
+        raise EvomergeError(f"{path}: cannot read as .npz ({exc})") from None
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise EvomergeError(f"{path}: arrays {', '.join(keys)} must hold the same, non-zero number of rows")
+    return arrays
+
+
+class HeadSwap:
+    """Tensors of another model (a task's own classification head) put into the live model before scoring.
+
+    In the multi-head setting (one merged encoder, a head per task) the merger
+    writes a meaningless merged head; each task's evaluator puts its own back
+    before every evaluation.
+    """
+
+    def __init__(self, model_dir: str, prefix: str) -> None:
+        self.model_dir = model_dir
+        self.prefix = prefix
+        self.tensors: dict[str, Any] = {}
+
+    def setup(self, model) -> None:
+        """Load the head tensors and check them against the live model."""
+        from evomerge.io.live import checkpoint_names
+        from evomerge.io.model_dir import ModelDir
+
+        source = ModelDir(self.model_dir)
+        params = dict(model.named_parameters())
+        self.live_names = {name: live for name, live in checkpoint_names(model).items() if live in params}
+        own = {name: params[live] for name, live in self.live_names.items()}
+        names = [n for n in source.names if n.startswith(self.prefix)]
+        if not names:
+            raise EvomergeError(f"{self.model_dir}: no tensor starts with head prefix {self.prefix!r}")
+        for name in names:
+            tensor = source.tensor(name)
+            if name not in own:
+                raise EvomergeError(f"{self.model_dir}: head tensor {name!r} is not in the evaluated model")
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise EvomergeError(f"{self.model_dir}: head tensor {name!r} has shape {list(tensor.shape)}, "
+                                    f"the evaluated model has {list(own[name].shape)}")
+            self.tensors[name] = tensor.to(own[name].dtype)
+
+    def apply(self, model) -> None:
+        """Write the head into ``model`` (in place)."""
+        import torch
+
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                params[self.live_names[name]].copy_(tensor)
+
+
+def image_batches(pixel_values, batch_size: int) -> list[dict[str, Any]]:
+    """``pixel_values`` (numpy, N x C x H x W) as float tensors in batches of ``batch_size``."""
+    import torch
+
+    values = torch.from_numpy(pixel_values).float()
+    return [{"pixel_values": values[i : i + batch_size]} for i in range(0, len(values), batch_size)]

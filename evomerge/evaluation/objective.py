@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+
 def builtin_metrics(model) -> dict[str, float]:
     """Metrics every candidate has, whatever the evaluators: its decoder depth."""
     return {"merge/num_layers": float(model.config.num_hidden_layers)}

@@ -1,4 +1,4 @@
-"""Load a model directory as the live ``transformers`` model it describes."""
+"""Load a model directory as the live ``transformers`` model (and tokenizer) it describes."""
 
 from __future__ import annotations
 
@@ -6,18 +6,63 @@ from pathlib import Path
 
 from evomerge.errors import EvomergeError
 
+#: Files whose presence means a directory carries a tokenizer (image models have none).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """The HF model class named by ``config.json``'s ``architectures`` (no remote code)."""
+    """The model class ``config.json``'s ``architectures`` names (causal LM, image classifier, ...).
+
+    Only classes ``transformers`` itself provides are loaded: remote code is
+    never run.
+    """
     import transformers
 
     from evomerge.fsutil import read_json
 
     transformers.utils.logging.disable_progress_bar()
-
     config = read_json(Path(path) / "config.json", f"{path}: not a model directory (no config.json)")
     names = config.get("architectures") or []
     model_class = getattr(transformers, names[0], None) if names else None
     if model_class is None:
         raise EvomergeError(f"{path}/config.json: architectures {names} names no transformers model class")
     return model_class.from_pretrained(str(path)).to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer, or ``None`` when it has none (an image model)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / name).exists() for name in TOKENIZER_MARKERS):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def checkpoint_names(model) -> dict[str, str]:
+    """Checkpoint tensor name -> the live model's state-dict name.
+
+    transformers 5 renames some families' weights on load (ViT's
+    ``vit.encoder.layer.N.attention.attention.query`` lives as
+    ``vit.layers.N.attention.q_proj``) and renames them back on save; merges
+    work on checkpoint names, in-place writes need live ones. The map is read
+    from transformers' own save-side conversion, fed one distinct scalar per
+    live tensor. Checkpoints whose tensors are split or fused on load (not just
+    renamed) cannot be written in place by name and are refused.
+    """
+    import torch
+
+    live = list(model.state_dict())
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5 loads checkpoint names as they are
+        return {n: n for n in live}
+    saved = revert_weight_conversion(model, {n: torch.tensor([float(i)]) for i, n in enumerate(live)})
+    out = {}
+    for name, marker in saved.items():
+        if marker.numel() != 1:
+            raise EvomergeError(
+                f"{type(model).__name__}: checkpoint tensor {name!r} is built from several live tensors on load; "
+                "in-place candidates are not supported for this model family"
+            )
+        out[name] = live[int(marker.item())]
+    return out

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -134,8 +135,7 @@ class ResidentMerger:
 
     def __init__(self, base: str | Path, sources: list[str | Path], *, device: str | None = None,
                  threads: int = 2, allow_pickle: bool = False) -> None:
-        from transformers import AutoModelForCausalLM
-
+        from evomerge.io.live import checkpoint_names, load_model
         from evomerge.perf import keep_freed_memory
 
         keep_freed_memory()
@@ -145,12 +145,15 @@ class ResidentMerger:
         names = [str(base)] + [str(s) for s in sources if str(s) != str(base)]
         self.pool = {name: _ResidentModel(ModelDir(name, allow_pickle=allow_pickle), self.device) for name in names}
         self.base = str(base)
-        self.model = AutoModelForCausalLM.from_pretrained(str(base)).to(self.device).eval()
-        # Detached views of the parameters: in-place writes from worker threads need no autograd state.
-        self._targets = dict(self.model.state_dict())
-        arch = self.pool[self.base].arch
-        self._layers_owner, _, self._layers_attr = arch.layer_prefix.rstrip(".").rpartition(".")
-        self._own_layers = self.model.get_submodule(arch.layer_prefix.rstrip("."))
+        self.model = load_model(base, self.device)
+        # Detached views of the parameters, by checkpoint name (what merge plans use): in-place
+        # writes from worker threads need no autograd state.
+        live = self.model.state_dict()
+        names = checkpoint_names(self.model)
+        self._targets = {name: live[own] for name, own in names.items()}
+        container = _live_layer_container(self.pool[self.base].arch, names)
+        self._layers_owner, _, self._layers_attr = container.rpartition(".")
+        self._own_layers = self.model.get_submodule(container)
         self._own_config: dict | None = None  # config values a layer path replaced, to put back
         self._live_layers: dict[str, list] = {}  # pool model -> its decoder layers over the pool tensors
         log.info("resident merger on %s: %d models, placement all-on-device", self.device, len(self.pool))
@@ -310,3 +313,14 @@ class ResidentMerger:
             layers.append(layer)
         self._live_layers[name] = layers
         return layers
+
+
+def _live_layer_container(arch, names: dict[str, str]) -> str:
+    """Module path of the live model's layer list (``model.layers``; ``vit.layers`` for a renamed ViT)."""
+    for name, own in names.items():
+        parts = arch.split(name)
+        if parts is not None:
+            match = re.match(rf"^(.*)\.{parts[0]}\.", own)
+            if match:
+                return match.group(1)
+    return arch.layer_prefix.rstrip(".")

@@ -36,14 +36,14 @@ def choose(run: RunDir, rank: int = 1) -> Evaluation:
 def score_dir(path: Path, evaluators: list[dict]) -> dict[str, float]:
     """Metrics of the HF model at ``path`` under ``evaluators`` plus the built-in ones (loaded as transformers would)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluation.objective import builtin_metrics
     from evomerge.evaluation.registry import build_evaluator
+    from evomerge.io.live import load_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = load_model(path, device)
+    tokenizer = load_tokenizer(path)
     metrics = builtin_metrics(model)
     for spec in evaluators:
         evaluator = build_evaluator(spec)

@@ -41,9 +41,9 @@ class EvalWorker:
 
     def _start(self, space: dict[str, Any], device: str | None, threads: int | None) -> None:
         import torch
-        from transformers import AutoTokenizer
 
         from evomerge.evaluation.registry import build_evaluator
+        from evomerge.io.live import load_tokenizer
         from evomerge.materialize.resident import ResidentMerger
         from evomerge.spaces.space import SearchSpace
 
@@ -52,7 +52,7 @@ class EvalWorker:
         space_obj = SearchSpace.model_validate(space)
         self.merger = ResidentMerger(space_obj.models.base, list(space_obj.models.sources), device=device,
                                      threads=threads or torch.get_num_threads())
-        self.tokenizer = AutoTokenizer.from_pretrained(space_obj.models.base)
+        self.tokenizer = load_tokenizer(space_obj.models.base)
         self.evaluators = {"full": [build_evaluator(spec) for spec in space_obj.objective.evaluators]}
         if space_obj.surrogate is not None:
             self.evaluators["surrogate"] = [build_evaluator(spec) for spec in space_obj.surrogate.evaluators]
