@@ -35,9 +35,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def measure(space_file: Path, candidates: int, seed: int) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
     from evomerge.evaluation.registry import build_evaluator
+    from evomerge.io.live import load_tokenizer
     from evomerge.materialize.resident import ResidentMerger
     from evomerge.spaces.space import SearchSpace
 
@@ -47,7 +47,7 @@ def measure(space_file: Path, candidates: int, seed: int) -> dict:
     space = space.resolved(relative_to=space_file.parent)
     genome = space.build_genome()
     merger = ResidentMerger(space.models.base, list(space.models.sources), threads=torch.get_num_threads())
-    tokenizer = AutoTokenizer.from_pretrained(space.models.base)
+    tokenizer = load_tokenizer(space.models.base)
     full = [build_evaluator(s) for s in space.objective.evaluators]
     cheap = [build_evaluator(s) for s in space.surrogate.evaluators]
     for ev in full + cheap:
