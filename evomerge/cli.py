@@ -410,7 +410,7 @@ def report_cmd(
     for plot in report.plots:
         console.print(f"  {plot.file}" + ("" if plot.run is None else f" ({plot.run})"), highlight=False)
     console.print(f"report written to [bold]{report.out}[/] ({len(report.plots)} plots, {SUMMARY})")
-    out_console.print(str(report.out / SUMMARY))
+    out_console.print(str(report.out / SUMMARY), soft_wrap=True, highlight=False)
 
 
 @app.command("export")

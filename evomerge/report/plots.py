@@ -71,6 +71,9 @@ def progress(runs: list[ReportRun], file: Path) -> None:
                             transform=ax.get_xaxis_transform())
         names = {r.objectives[k] for r in runs if k < len(r.objectives)}
         ylabel = names.pop() if len(names) == 1 else f"objective {k + 1}"
+        axes[k, 0].xaxis.get_major_locator().set_params(integer=True)
+        if timed:
+            axes[k, 1].set_xlim(left=0)
         for col, xlabel in enumerate(["full evaluation", "wall time (minutes)"][:cols]):
             ax = axes[k, col]
             ax.set_xlabel(xlabel)
@@ -154,7 +157,7 @@ def pareto(run: ReportRun, file: Path) -> None:
     for ax, (i, j) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs):
         ax.scatter(points[~front, i], points[~front, j], s=14, color="0.6", label="dominated")
         order = np.argsort(points[front, i])
-        ax.plot(points[front, i][order], points[front, j][order], "o-", color="tab:blue", ms=5,
+        ax.plot(points[front, i][order], points[front, j][order], "o--", color="tab:blue", ms=5, lw=0.8,
                 label=f"Pareto front ({int(front.sum())})")
         ax.set_xlabel(f"{names[i]} ({run.directions[i]})")
         ax.set_ylabel(f"{names[j]} ({run.directions[j]})")
@@ -177,7 +180,7 @@ def workers(run: ReportRun, file: Path) -> None:
         kind = "screened" if e.screened else e.status
         start = (e.started - clock.start) / 60
         top.broken_barh([(start, (e.finished - e.started) / 60)], (ids.index(e.worker) - 0.4, 0.8),
-                        color=STATUS_COLORS[kind])
+                        facecolor=STATUS_COLORS[kind], edgecolor="white", linewidth=0.5)
     top.set_yticks(range(len(ids)), [f"worker {w}" for w in ids])
     top.set_title(f"worker utilization {clock.utilization:.0%} over {clock.seconds / 60:.1f} min")
     top.legend(handles=[Line2D([], [], color=c, lw=6, label=k) for k, c in STATUS_COLORS.items()
@@ -199,7 +202,8 @@ def workers(run: ReportRun, file: Path) -> None:
 
 def surrogate(run: ReportRun, file: Path) -> None:
     """Surrogate score against the objective: measured for fully evaluated candidates, told for screened ones."""
-    name = run.space.surrogate.name if run.space.surrogate else "surrogate"
+    spec = run.space.surrogate
+    name = "surrogate" if spec is None else f"surrogate: {', '.join(spec.metrics)} ({spec.direction})"
     fig = Figure(figsize=(5.4, 4.2), layout="constrained")
     ax = fig.subplots()
     full = [e for e in run.full if e.ok and e.surrogate is not None]
