@@ -11,16 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from search_helpers import tiny_space
 
 from evomerge.errors import EvomergeError
 from evomerge.report.build import write_report
-from evomerge.report.series import best_so_far, layer_path, parameter_layers, pareto_mask
+from evomerge.report.series import (
+    best_so_far,
+    layer_path,
+    parameter_layers,
+    pareto_mask,
+)
 from evomerge.report.summary import number
 from evomerge.run.executor import LocalExecutor
 from evomerge.run.rundir import RunDir
 from evomerge.run.runner import Runner
 from evomerge.spaces.space import SearchSpace
-from search_helpers import tiny_space
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
@@ -189,7 +194,7 @@ def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
     shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
     lines = run.journal_file.read_text().splitlines()
     run.journal_file.write_text("\n".join([lines[0], "{not json", *lines[2:], '{"id": 99, "genes"']))
-    result = subprocess.run([*EVOMERGE, "report", str(run.path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*EVOMERGE, "report", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 2 unreadable line(s)" in result.stderr and "lines 2, 6" in result.stderr
     assert result.stdout.strip() == str(run.path / "report" / "summary.md")
@@ -200,13 +205,13 @@ def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
     best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
     assert _overview_row(run.path / "report", "damaged")[3:9] == [
         f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"{number(best['fitness'][0])} (#{best['id']})"]
-    status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120)
+    status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
     assert status.returncode == 0 and "skipped 2 unreadable journal line(s)" in " ".join(status.stderr.split())
 
 
 def test_bad_input_is_one_clear_message(runs, tmp_path):
     def report(*args):
-        return subprocess.run([*EVOMERGE, "report", *map(str, args)], capture_output=True, text=True, timeout=120)
+        return subprocess.run([*EVOMERGE, "report", *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
 
     result = report(tmp_path)
     assert result.returncode == 2 and "not a run directory" in result.stderr and "Traceback" not in result.stderr

@@ -14,7 +14,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from evomerge.report.runs import ReportRun
-from evomerge.spaces.parameter import DEFAULT_BOUNDS
 from evomerge.report.series import (
     best_so_far,
     layer_path,
@@ -23,6 +22,7 @@ from evomerge.report.series import (
     pareto_mask,
     wall_clock,
 )
+from evomerge.spaces.parameter import DEFAULT_BOUNDS
 
 STATUS_COLORS = {"ok": "tab:green", "failed": "tab:red", "oom": "tab:orange", "screened": "tab:gray"}
 DPI = 100

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ def layer_path(evaluation: Evaluation, genome: DataflowGenomeConfig) -> list[Pat
         return "start" if position == 0 else "end" if position == end else str(position - 1)
 
     scales = [1.0]
-    for previous, position in zip(positions, positions[1:]):
+    for previous, position in pairwise(positions):
         key = {"pair": f"scale[{name(previous)}->{name(position)}]", "slot": f"scale[->{name(position)}]"}
         scales.append(evaluation.genes[key[genome.scales]] if genome.scales in key else 1.0)
     return [PathStep(labels[model], layer, scale) for (model, layer), scale in zip(steps, scales)]

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 import yaml
 
 from evomerge.report.runs import ReportRun, format_line_numbers
-from evomerge.report.series import evals_per_minute, layer_path, pareto_mask, rank_correlation, wall_clock
+from evomerge.report.series import (
+    evals_per_minute,
+    layer_path,
+    pareto_mask,
+    rank_correlation,
+    wall_clock,
+)
 
 if TYPE_CHECKING:
     from evomerge.report.build import Plot
@@ -115,5 +121,5 @@ def _pareto_lines(run: ReportRun) -> list[str]:
     front = [e for e, keep in zip(ok, pareto_mask([e.fitness for e in ok], run.directions)) if keep]
     front.sort(key=lambda e: e.fitness[0], reverse=run.directions[0] == "maximize")
     members = "; ".join(f"#{e.id} (" + ", ".join(number(v) for v in e.fitness) + ")" for e in front)
-    return [f"- Pareto front: {len(front)} of {len(ok)} successful evaluations "
-            f"({', '.join(run.objectives)}): {members}"]
+    objectives = ", ".join(run.objectives)
+    return [f"- Pareto front: {len(front)} of {len(ok)} successful evaluations ({objectives}): {members}"]
