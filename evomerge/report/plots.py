@@ -85,7 +85,7 @@ def progress(runs: list[ReportRun], file: Path) -> None:
     if any(not e.ok for r in runs for e in r.full):
         handles.append(Line2D([], [], color="tab:red", marker="|", ls="", ms=8, label="failed"))
     axes[0, 0].legend(handles=handles if len(runs) > 1 else handles[1:], fontsize=8, loc="best")
-    fig.suptitle("search progress")
+    fig.suptitle("search progress" if len(runs) > 1 else f"{runs[0].label}: search progress")
     _save(fig, file)
 
 
