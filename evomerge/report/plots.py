@@ -22,6 +22,8 @@ from evomerge.report.series import (
     pareto_mask,
     wall_clock,
 )
+from evomerge.report.summary import duration
+from evomerge.run.rundir import Evaluation
 from evomerge.spaces.parameter import DEFAULT_BOUNDS
 
 STATUS_COLORS = {"ok": "tab:green", "failed": "tab:red", "oom": "tab:orange", "screened": "tab:gray"}
@@ -30,6 +32,11 @@ DPI = 100
 
 def _color(i: int) -> str:
     return f"C{i % 10}"
+
+
+def _kind(e: Evaluation) -> str:
+    """The colour key of an evaluation: its status, or ``screened``."""
+    return "screened" if e.screened else e.status
 
 
 def _save(fig: Figure, file: Path) -> None:
@@ -174,22 +181,25 @@ def workers(run: ReportRun, file: Path) -> None:
     fig = Figure(figsize=(9.0, 5.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     ids = sorted({e.worker for e in timed if e.worker is not None})
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = {}  # one artist per worker and status
     for e in timed:
-        if e.worker is None:
-            continue
-        kind = "screened" if e.screened else e.status
-        start = (e.started - clock.start) / 60
-        top.broken_barh([(start, (e.finished - e.started) / 60)], (ids.index(e.worker) - 0.4, 0.8),
-                        facecolor=STATUS_COLORS[kind], edgecolor="white", linewidth=0.5)
+        if e.worker is not None:
+            bars.setdefault((e.worker, _kind(e)), []).append(((e.started - clock.start) / 60,
+                                                              (e.finished - e.started) / 60))
+    for (worker, kind), spans in bars.items():
+        top.broken_barh(spans, (ids.index(worker) - 0.4, 0.8), facecolor=STATUS_COLORS[kind],
+                        edgecolor="white", linewidth=0.5)
     top.set_yticks(range(len(ids)), [f"worker {w}" for w in ids])
-    top.set_title(f"worker utilization {clock.utilization:.0%} over {clock.seconds / 60:.1f} min")
+    # a fully evaluated candidate's surrogate probe has no journal line, so screened runs undercount
+    probes = " (surrogate probes of kept candidates not journaled)" if run.has_surrogate else ""
+    top.set_title(f"worker utilization {clock.utilization:.0%} over {duration(clock.seconds)}{probes}")
     top.legend(handles=[Line2D([], [], color=c, lw=6, label=k) for k, c in STATUS_COLORS.items()
-                        if any(("screened" if e.screened else e.status) == k for e in timed)],
+                        if any(_kind(e) == k for e in timed)],
                fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     order = sorted(timed, key=lambda e: e.finished)
     minutes = [(e.finished - clock.start) / 60 for e in order]
     for kind, color in STATUS_COLORS.items():
-        counts = np.cumsum([("screened" if e.screened else e.status) == kind for e in order])
+        counts = np.cumsum([_kind(e) == kind for e in order])
         if counts[-1]:
             bottom.step(minutes, counts, where="post", color=color, label=kind)
     bottom.set_ylabel("evaluations so far")

@@ -85,7 +85,9 @@ def _run_section(run: ReportRun) -> list[str]:
         rate = evals_per_minute(len(run.full), clock)
         lines.append(f"- wall time: {duration(clock.seconds)} from the first start to the last finish"
                      + ("" if rate is None else f", {rate:.2f} evaluations/min")
-                     + f", worker utilization {clock.utilization:.0%} ({clock.workers} worker(s))")
+                     + f", worker utilization {clock.utilization:.0%} ({clock.workers} worker(s)"
+                     + ("; surrogate probes of fully evaluated candidates are not journaled, so not counted"
+                        if run.has_surrogate else "") + ")")
     lines.append(f"- evaluation time: {duration(sum(e.seconds for e in run.evaluations))} summed over evaluations")
     if run.unreadable:
         lines.append(f"- journal: skipped {len(run.unreadable)} unreadable line(s) "
