@@ -233,3 +233,20 @@ def test_best_so_far_and_pareto_mask():
     points = [[0.9, 5], [0.8, 3], [0.7, 4], [0.9, 6], [0.5, 1]]
     assert pareto_mask(points, ["maximize", "minimize"]) == [True, True, False, False, True]
     assert np.array(pareto_mask([], ["maximize", "minimize"])).size == 0
+
+
+def test_staged_run_reports_both_stages(tiny_zoo, runs, tmp_path):
+    """A staged run directory stands for its stages (here real stage runs copied under a staged config)."""
+    space = tiny_space(tiny_zoo, tmp_path, name="staged", evaluators=_evaluators(tiny_zoo), fitness=_fitness(), genome={
+        "type": "staged", "parameter_budget": 5,
+        "parameter": {"type": "parameter", "method": "ties"},
+        "dataflow": {"type": "dataflow", "repeats": 1}})
+    top = RunDir.create(tmp_path / "staged", SearchSpace.from_file(space).resolved())
+    shutil.copytree(runs["parameter"].path, top.path / "stage1", ignore=shutil.ignore_patterns("report"))
+    shutil.copytree(runs["dataflow"].path, top.path / "stage2", ignore=shutil.ignore_patterns("report"))
+    report = write_report([top.path])
+    assert report.out == top.path / "report"
+    assert [r.label for r in report.runs] == ["staged/stage1", "staged/stage2"]
+    assert _made(report) == {"summary.md", "progress.png", "parameters-staged-stage1.png", "workers-staged-stage1.png",
+                             "layer-path-staged-stage2.png", "pareto-staged-stage2.png", "workers-staged-stage2.png"}
+    assert _overview_row(report.out, "staged/stage2")[3:9] == _expected_row(RunDir(top.path / "stage2"))

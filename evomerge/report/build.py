@@ -52,6 +52,8 @@ class Plot:
 
 @dataclass(frozen=True)
 class Report:
+    """What ``write_report`` wrote: the directory, the runs it read, the plots it made."""
+
     out: Path
     runs: list[ReportRun]
     plots: list[Plot]

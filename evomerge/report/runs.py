@@ -79,8 +79,7 @@ def load_runs(paths: list[Path]) -> list[ReportRun]:
     runs: list[ReportRun] = []
     for path in paths:
         top = RunDir.open(path)
-        space = top.space()
-        if space.genome.type == "staged":
+        if top.space().genome.type == "staged":
             parts = [(f"{top.path.name}/{stage.path.name}", stage)
                      for stage in (stage_dir(top, 0), stage_dir(top, 1)) if stage.config_file.exists()]
         else:
@@ -92,7 +91,7 @@ def load_runs(paths: list[Path]) -> list[ReportRun]:
             if not evaluations:
                 skipped = f" ({len(unreadable)} unreadable line(s) skipped)" if unreadable else ""
                 raise EvomergeError(f"{run.journal_file}: no evaluations journaled yet{skipped}; nothing to report")
-            runs.append(ReportRun(label, run, run.space() if run is not top else space, evaluations, unreadable))
+            runs.append(ReportRun(label, run, run.space(), evaluations, unreadable))
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):  # two runs/NAME from different parents would share a label
         if labels.count(r.label) > 1:
