@@ -348,14 +348,22 @@ def status(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     top: int = typer.Option(5, "--top", help="Best candidates to list."),
 ) -> None:
-    """Show a run's progress: counts, failures and its best candidates."""
+    """Show a run's progress: counts, failures and its best candidates.
+
+    Reads only the config and the journal, so it is fast and works while the
+    search is running; unreadable journal lines are skipped and counted.
+    """
+    from evomerge.report.runs import format_line_numbers
     from evomerge.run.rundir import RunDir
     from evomerge.run.runner import ranked
     from evomerge.run.staged import latest_run
 
     run = latest_run(RunDir.open(run_dir))
     space = run.space()
-    journal = run.journal()
+    journal, unreadable = run.readable_journal()
+    if unreadable:
+        console.print(f"[yellow]skipped {len(unreadable)} unreadable journal line(s)[/] "
+                      f"({format_line_numbers(unreadable)}) of {run.journal_file}", soft_wrap=True, highlight=False)
     failed = [e for e in journal if not e.ok]
     screened = sum(e.screened for e in journal)
     names = space.objective.names
@@ -371,6 +379,38 @@ def status(
     out_console.print(grid)
     for e in failed[-3:]:
         out_console.print(f"[red]#{e.id} {e.status}[/]: {e.error}", soft_wrap=True, highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories; several are overlaid in the progress plot."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: the first run's report/)."),
+) -> None:
+    """Write PNG plots and a Markdown summary (summary.md) of one or more runs.
+
+    Plots, as they apply: fitness per evaluation and best so far over
+    evaluations and wall time (runs overlaid); the best candidate's per-layer
+    weights and densities (parameter genomes) or its layer path with scales
+    (data-flow genomes); the Pareto front (several objectives); worker
+    utilization and failures over time; surrogate vs full score (screening).
+    Reads only config.yaml and journal.jsonl, also while a search runs;
+    unreadable journal lines are skipped and counted. The run itself is never
+    modified: the report is built in a temp directory and renamed into place.
+    """
+    from evomerge.report.build import write_report
+    from evomerge.report.runs import format_line_numbers
+    from evomerge.report.summary import SUMMARY
+
+    with console.status("drawing plots"):
+        report = write_report(run_dirs, out)
+    for run in report.runs:
+        if run.unreadable:
+            console.print(f"[yellow]{run.run.journal_file}: skipped {len(run.unreadable)} unreadable line(s)[/] "
+                          f"({format_line_numbers(run.unreadable)})", soft_wrap=True, highlight=False)
+    for plot in report.plots:
+        console.print(f"  {plot.file}" + ("" if plot.run is None else f" ({plot.run})"), highlight=False)
+    console.print(f"report written to [bold]{report.out}[/] ({len(report.plots)} plots, {SUMMARY})")
+    out_console.print(str(report.out / SUMMARY), soft_wrap=True, highlight=False)
 
 
 @app.command("export")

@@ -38,4 +38,5 @@ def tiny_space(zoo, tmp_path: Path, *, name: str = "tiny", budget: int = 6, opti
 
 def comparable(journal) -> list[dict]:
     """Journal entries without what legitimately differs between runs (timings, worker, attempts)."""
-    return [{k: v for k, v in vars(e).items() if k not in ("seconds", "worker", "attempts")} for e in journal]
+    varying = ("seconds", "worker", "attempts", "started", "finished")
+    return [{k: v for k, v in vars(e).items() if k not in varying} for e in journal]

@@ -77,3 +77,13 @@ def test_screened_search_resumes_with_a_larger_budget(tiny_zoo, tmp_path):
     assert journal[: len(first)] == first
     assert sum(not e.screened for e in journal) == 4
     assert sorted(e.id for e in journal) == list(range(len(journal)))
+
+
+def test_bad_surrogate_settings_are_named(tiny_zoo, tmp_path):
+    from evomerge.errors import EvomergeError
+
+    with pytest.raises(EvomergeError, match=r"line \d+: surrogate.keep: Input should be greater than 0"):
+        SearchSpace.from_file(screened_space(tiny_zoo, tmp_path, keep=0))
+    space = SearchSpace.from_file(screened_space(tiny_zoo, tmp_path, evaluators=[{"type": "entropy"}])).resolved()
+    with pytest.raises(EvomergeError, match="evaluator entropy: missing setting 'path'"):
+        space.check()

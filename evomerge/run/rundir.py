@@ -55,6 +55,10 @@ class Evaluation:
     surrogate: float | None = None
     #: True when the candidate was not fully evaluated and ``fitness`` is the estimate it was told
     screened: bool = False
+    #: unix times at which the worker began and finished the journaled work (the full evaluation, or the
+    #: surrogate probe of a screened candidate); None in journals written before they were recorded
+    started: float | None = None
+    finished: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,9 +149,7 @@ class RunDir:
             if not raw.strip():
                 continue
             try:
-                evaluation = Evaluation(**json.loads(raw))
-                if evaluation.status not in STATUSES:
-                    raise ValueError(f"unknown status {evaluation.status!r}")
+                evaluation = parse_evaluation(raw)
             except (ValueError, TypeError) as exc:
                 raise EvomergeError(
                     f"{self.journal_file}: line {number} is corrupt ({exc}); "
@@ -161,3 +163,31 @@ class RunDir:
                 with open(self.journal_file, "r+b") as f:
                     f.truncate(len(data) - len(torn))
         return out
+
+    def readable_journal(self) -> tuple[list[Evaluation], list[int]]:
+        """Every parseable evaluation and the numbers of the lines that are not (for views, never for resume).
+
+        Status and report must work on a journal that is being written (its last
+        line may be half-written) or was damaged; they show what is readable
+        and say how many lines they skipped, instead of refusing.
+        """
+        if not self.journal_file.exists():
+            return [], []
+        out: list[Evaluation] = []
+        bad: list[int] = []
+        for number, raw in enumerate(self.journal_file.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                out.append(parse_evaluation(raw))
+            except (ValueError, TypeError):
+                bad.append(number)
+        return out, bad
+
+
+def parse_evaluation(raw: bytes | str) -> Evaluation:
+    """One journal line as an ``Evaluation``; ValueError or TypeError when it is not one."""
+    evaluation = Evaluation(**json.loads(raw))
+    if evaluation.status not in STATUSES:
+        raise ValueError(f"unknown status {evaluation.status!r}")
+    return evaluation

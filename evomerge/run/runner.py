@@ -189,11 +189,15 @@ class Runner:
                 fitness = self.objective.values(metrics)
             except KeyError as exc:
                 status, error = "failed", str(exc.args[0])
+        seconds = float(result.get("seconds", 0.0))
+        # results made here (a genome that does not decode, a worker that died) carry no worker times
+        finished = result.get("finished", time.time())
         evaluation = Evaluation(
             id=candidate.id, genes=candidate.genes, x=[float(v) for v in candidate.x], recipe=candidate.recipe,
             metrics=metrics, fitness=fitness, status=status, error=error, worker=result.get("worker"),
-            seconds=round(float(result.get("seconds", 0.0)), 4), attempts=candidate.attempts + 1 if attempts is None else attempts,
+            seconds=round(seconds, 4), attempts=candidate.attempts + 1 if attempts is None else attempts,
             surrogate=surrogate, screened=estimate is not None,
+            started=result.get("started", finished - seconds), finished=finished,
         )
         self.run_dir.append(evaluation)
         self._tell(evaluation)
@@ -315,12 +319,14 @@ class Runner:
     def _screen(self, executor: Executor, asked: list[Candidate], remaining: int) -> None:
         surrogate = self.space.surrogate
         scores: dict[int, float] = {}
+        probes: dict[int, dict] = {}
         by_id = {c.id: c for c in asked}
         for candidate in asked:
             if candidate.decode_error is not None:
                 self._record(candidate, {"status": "failed", "error": candidate.decode_error})
-        probes = [dataclasses.replace(c, mode="surrogate") for c in asked if c.decode_error is None]
-        for candidate, result in self._map(executor, probes):
+        to_probe = [dataclasses.replace(c, mode="surrogate") for c in asked if c.decode_error is None]
+        for candidate, result in self._map(executor, to_probe):
+            probes[candidate.id] = result
             try:
                 if result["status"] != "ok":
                     raise KeyError(result.get("error"))
@@ -344,7 +350,9 @@ class Runner:
                                                                        "was evaluated successfully to estimate from"})
                 continue
             told = estimate(scores[cid], history, batch_fitness, self.objective.directions)
-            self._record(by_id[cid], {"status": "ok", "metrics": {}}, surrogate=scores[cid], estimate=told)
+            # journaled with the probe's worker and times: the surrogate is the work done on it
+            self._record(by_id[cid], {**probes[cid], "status": "ok", "metrics": {}, "error": None},
+                         surrogate=scores[cid], estimate=told)
 
     def _map(self, executor: Executor, candidates: list[Candidate]) -> list[tuple[Candidate, dict]]:
         """Evaluate ``candidates`` on the pool (all workers idle on entry) and return every result."""

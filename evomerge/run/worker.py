@@ -76,7 +76,8 @@ class EvalWorker:
         from evomerge.recipe import Recipe
 
         start = time.perf_counter()
-        result: dict[str, Any] = {"id": candidate_id, "worker": self.worker_id, "metrics": {}, "error": None}
+        result: dict[str, Any] = {"id": candidate_id, "worker": self.worker_id, "metrics": {}, "error": None,
+                                  "started": time.time()}
         try:
             model = self.merger.materialize(Recipe.model_validate(recipe))
             metrics = builtin_metrics(model)
@@ -97,4 +98,5 @@ class EvalWorker:
             log.debug("candidate %d failed:\n%s", candidate_id, traceback.format_exc())
             result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         result["seconds"] = time.perf_counter() - start
+        result["finished"] = time.time()
         return result

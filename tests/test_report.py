@@ -1,0 +1,252 @@
+"""`evomerge report` on real tiny runs: each plot is made where it applies, the summary's numbers are the journal's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from search_helpers import tiny_space
+
+from evomerge.errors import EvomergeError
+from evomerge.report.build import write_report
+from evomerge.report.series import (
+    best_so_far,
+    layer_path,
+    parameter_layers,
+    pareto_mask,
+)
+from evomerge.report.summary import number
+from evomerge.run.executor import LocalExecutor
+from evomerge.run.rundir import RunDir
+from evomerge.run.runner import Runner
+from evomerge.spaces.space import SearchSpace
+
+EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
+
+
+def local(space):
+    return LocalExecutor(space.model_dump(mode="json"))
+
+
+def _evaluators(zoo):
+    # one task, few items: the report needs real journals, not good merges
+    return [{"type": "lm_eval", "include_path": str(zoo.tasks_dir), "tasks": ["zoo_copy"], "limit": 8,
+             "batch_size": 8}]
+
+
+def _fitness(*extra):
+    return [{"name": "exact_match", "direction": "maximize", "metrics": ["zoo_copy/exact_match"]}, *extra]
+
+
+def _search(zoo, tmp: Path, name: str, fitness: list | None = None, **space) -> RunDir:
+    path = tiny_space(zoo, tmp, name=name, evaluators=_evaluators(zoo), fitness=fitness or _fitness(), **space)
+    run = RunDir.create(tmp / name, SearchSpace.from_file(path).resolved())
+    Runner(run, local).run()
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_zoo, tmp_path_factory):
+    """Three real searches on the tiny zoo: per-layer TIES, multi-objective data-flow (NSGA-II), screened."""
+    tmp = tmp_path_factory.mktemp("runs")
+    parameter = _search(tiny_zoo, tmp, "ties", budget=5, genome={
+        "type": "parameter", "method": "ties", "layer_groups": 2, "parameters": {"normalize": False}})
+    dataflow = _search(tiny_zoo, tmp, "dfs", budget=6, optimizer="nsga2",
+                       genome={"type": "dataflow", "repeats": 1, "scales": "pair"},
+                       fitness=_fitness({"name": "layers", "direction": "minimize", "metrics": ["merge/num_layers"]}))
+    screened = _search(tiny_zoo, tmp, "screened", budget=3, optimizer="tpe", surrogate={
+        "evaluators": [{"type": "entropy", "path": str(tiny_zoo.tasks_dir / "unlabeled.jsonl"), "limit": 8}],
+        "metrics": ["entropy"], "direction": "minimize", "keep": 0.5, "batch": 4})
+    return {"parameter": parameter, "dataflow": dataflow, "screened": screened}
+
+
+def _fingerprint(run: RunDir) -> dict[str, str]:
+    """Hash of every file of a run outside report/."""
+    return {str(f.relative_to(run.path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(run.path.rglob("*")) if f.is_file() and "report" not in f.relative_to(run.path).parts}
+
+
+@pytest.fixture(scope="module")
+def reports(runs):
+    """Each run's own report (in RUN/report/), with the run's files hashed before and after."""
+    out = {}
+    for kind, run in runs.items():
+        before = _fingerprint(run)
+        report = write_report([run.path])
+        assert _fingerprint(run) == before  # the report never touches the run's own files
+        out[kind] = report
+    return out
+
+
+def _png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(path).shape[0] > 100
+
+
+def _made(report) -> set[str]:
+    files = {p.name for p in report.out.iterdir()}
+    for name in files - {"summary.md"}:
+        _png(report.out / name)
+    return files
+
+
+def _overview_row(out: Path, label: str) -> list[str]:
+    """The cells of ``label``'s row in the summary's overview table."""
+    for line in (out / "summary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == label:
+            return cells
+    raise AssertionError(f"no overview row for {label}")
+
+
+def _expected_row(run: RunDir) -> list[str]:
+    """The overview row computed straight from the journal file, independently of the report code."""
+    lines = [json.loads(line) for line in run.journal_file.read_text().splitlines()]
+    full = [e for e in lines if not e.get("screened")]
+    ok = [e for e in full if e["status"] == "ok"]
+    best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
+    counts = [str(sum(e["status"] == s for e in full)) for s in ("ok", "failed", "oom")]
+    return [f"{len(full)}/{run.space().budget}", *counts, str(len(lines) - len(full)),
+            f"{number(best['fitness'][0])} (#{best['id']})"]
+
+
+def test_parameter_run_report(runs, reports):
+    run, report = runs["parameter"], reports["parameter"]
+    assert report.out == run.path / "report"
+    assert _made(report) == {"summary.md", "progress.png", "parameters.png", "workers.png"}
+    assert _overview_row(report.out, "ties")[3:9] == _expected_row(run)
+    text = (report.out / "summary.md").read_text()
+    assert "evaluations/min, worker utilization" in text and "unreadable" not in text
+    # the heatmap's cells are the best candidate's genes: source × layer group (2 groups over the 2 layers)
+    best = report.runs[0].best
+    labels, weights = parameter_layers(best.recipe, best.genes, 2)["weight"]
+    assert labels == ["copy", "rev", "sort"]
+    for row, label in enumerate(labels):
+        assert weights[row].tolist() == [best.genes[f"{label}.weight[g{g}]"] for g in (0, 1)]
+
+
+def test_dataflow_multi_objective_report(runs, reports):
+    run, report = runs["dataflow"], reports["dataflow"]
+    assert _made(report) == {"summary.md", "progress.png", "layer-path.png", "pareto.png", "workers.png"}
+    assert _overview_row(report.out, "dfs")[3:9] == _expected_row(run)
+    # the plotted path is the genome's own decoding of the best candidate
+    best = report.runs[0].best
+    genome = run.space().build_genome()
+    want = [(m.rsplit("/", 1)[-1], layer, pytest.approx(scale)) for _, m, layer, scale in genome.path(best.x)]
+    assert [(s.model, s.layer, s.scale) for s in layer_path(best, run.space().genome)] == want
+    # the Pareto front in the summary is the brute-force non-dominated set
+    ok = [e for e in run.journal() if e.ok]
+    front = {e.id for e in ok if not any(
+        o.fitness[0] >= e.fitness[0] and o.fitness[1] <= e.fitness[1] and o.fitness != e.fitness for o in ok)}
+    line = next(x for x in (report.out / "summary.md").read_text().splitlines() if x.startswith("- Pareto front"))
+    assert line.startswith(f"- Pareto front: {len(front)} of {len(ok)} successful evaluations")
+    assert {int(t.split(" ")[0]) for t in line.split("#")[1:]} == front
+
+
+def test_screened_run_report(runs, reports):
+    run, report = runs["screened"], reports["screened"]
+    assert _made(report) == {"summary.md", "progress.png", "parameters.png", "workers.png", "surrogate.png"}
+    journal = run.journal()
+    assert any(e.screened for e in journal) and all(e.started and e.finished for e in journal)
+    assert _overview_row(report.out, "screened")[3:9] == _expected_row(run)
+    assert "- surrogate: rank correlation with exact_match" in (report.out / "summary.md").read_text()
+
+
+def test_runs_are_overlaid_and_a_report_is_replaced_whole(runs, tmp_path):
+    out = tmp_path / "compare"
+    report = write_report([runs["parameter"].path, runs["dataflow"].path], out)
+    assert _made(report) == {"summary.md", "progress.png", "parameters-ties.png", "workers-ties.png",
+                             "layer-path-dfs.png", "pareto-dfs.png", "workers-dfs.png"}
+    write_report([runs["parameter"].path], out)  # an older report is replaced, not merged
+    assert _made(report) == {"summary.md", "progress.png", "parameters.png", "workers.png"}
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(EvomergeError, match="is not an evomerge report"):
+        write_report([runs["parameter"].path], other)
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+
+
+def test_journal_without_times_still_reports(runs, tmp_path):
+    """Journals written before start/finish times were recorded: no wall-time plots, numbers still right."""
+    run = RunDir(tmp_path / "old")
+    shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
+    lines = [json.loads(x) for x in run.journal_file.read_text().splitlines()]
+    run.journal_file.write_text("".join(json.dumps({k: v for k, v in e.items() if k not in ("started", "finished")})
+                                        + "\n" for e in lines))
+    report = write_report([run.path])
+    assert _made(report) == {"summary.md", "progress.png", "parameters.png"}
+    row = _overview_row(report.out, "old")
+    assert row[3:9] == _expected_row(run) and row[9:] == ["—", "—"]
+    assert "wall time: unknown" in (report.out / "summary.md").read_text()
+
+
+def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
+    run = RunDir(tmp_path / "damaged")
+    shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
+    lines = run.journal_file.read_text().splitlines()
+    run.journal_file.write_text("\n".join([lines[0], "{not json", *lines[2:], '{"id": 99, "genes"']))
+    result = subprocess.run([*EVOMERGE, "report", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped 2 unreadable line(s)" in result.stderr and "lines 2, 6" in result.stderr
+    assert result.stdout.strip() == str(run.path / "report" / "summary.md")
+    text = (run.path / "report" / "summary.md").read_text()
+    assert "skipped 2 unreadable line(s) (lines 2, 6)" in text
+    readable = [json.loads(x) for i, x in enumerate(lines) if i != 1]
+    ok = [e for e in readable if e["status"] == "ok"]
+    best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
+    assert _overview_row(run.path / "report", "damaged")[3:9] == [
+        f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"{number(best['fitness'][0])} (#{best['id']})"]
+    status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
+    assert status.returncode == 0 and "skipped 2 unreadable journal line(s)" in " ".join(status.stderr.split())
+
+
+def test_bad_input_is_one_clear_message(runs, tmp_path):
+    def report(*args):
+        return subprocess.run([*EVOMERGE, "report", *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
+
+    result = report(tmp_path)
+    assert result.returncode == 2 and "not a run directory" in result.stderr and "Traceback" not in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(runs["parameter"].config_file, empty / "config.yaml")
+    (empty / "journal.jsonl").write_text("")
+    result = report(empty)
+    assert result.returncode == 2 and "no evaluations journaled yet" in result.stderr
+    assert "Traceback" not in result.stderr and not (empty / "report").exists()
+    (empty / "journal.jsonl").write_text("garbage\n")
+    with pytest.raises(EvomergeError, match=r"no evaluations journaled yet \(1 unreadable line\(s\) skipped\)"):
+        write_report([empty])
+
+
+def test_best_so_far_and_pareto_mask():
+    assert best_so_far([0.2, None, 0.1, 0.5, 0.3], "maximize") == [0.2, 0.2, 0.2, 0.5, 0.5]
+    assert best_so_far([None, 3.0, 4.0, 1.0], "minimize") == [None, 3.0, 3.0, 1.0]
+    points = [[0.9, 5], [0.8, 3], [0.7, 4], [0.9, 6], [0.5, 1]]
+    assert pareto_mask(points, ["maximize", "minimize"]) == [True, True, False, False, True]
+    assert np.array(pareto_mask([], ["maximize", "minimize"])).size == 0
+
+
+def test_staged_run_reports_both_stages(tiny_zoo, runs, tmp_path):
+    """A staged run directory stands for its stages (here real stage runs copied under a staged config)."""
+    space = tiny_space(tiny_zoo, tmp_path, name="staged", evaluators=_evaluators(tiny_zoo), fitness=_fitness(), genome={
+        "type": "staged", "parameter_budget": 5,
+        "parameter": {"type": "parameter", "method": "ties"},
+        "dataflow": {"type": "dataflow", "repeats": 1}})
+    top = RunDir.create(tmp_path / "staged", SearchSpace.from_file(space).resolved())
+    shutil.copytree(runs["parameter"].path, top.path / "stage1", ignore=shutil.ignore_patterns("report"))
+    shutil.copytree(runs["dataflow"].path, top.path / "stage2", ignore=shutil.ignore_patterns("report"))
+    report = write_report([top.path])
+    assert report.out == top.path / "report"
+    assert [r.label for r in report.runs] == ["staged/stage1", "staged/stage2"]
+    assert _made(report) == {"summary.md", "progress.png", "parameters-staged-stage1.png", "workers-staged-stage1.png",
+                             "layer-path-staged-stage2.png", "pareto-staged-stage2.png", "workers-staged-stage2.png"}
+    assert _overview_row(report.out, "staged/stage2")[3:9] == _expected_row(RunDir(top.path / "stage2"))
