@@ -68,7 +68,7 @@ class PreparedTasks:
     fraction below 1).
     """
 
-    def __init__(self, tasks: dict[str, Any], limit: int | float | None = None) -> None:
+    def __init__(self, tasks: dict[str, Any], limit: float | None = None) -> None:
         from lm_eval.evaluator_utils import get_sample_size
 
         self.tasks = tasks
