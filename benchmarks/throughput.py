@@ -26,6 +26,8 @@ one worker when model compute limits (needs two free cores).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -89,7 +91,8 @@ def per_candidate(size: str, n: int) -> dict[str, float]:
 
     def timed(fn) -> float:
         start = time.perf_counter()
-        fn()
+        with contextlib.redirect_stderr(io.StringIO()):  # the stock wrapper's progress bars
+            fn()
         return time.perf_counter() - start
 
     stages: dict[str, list[float]] = {k: [] for k in ("materialize", "simple_evaluate", "evaluate()", "prepared",
