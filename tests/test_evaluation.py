@@ -35,11 +35,11 @@ def test_lm_eval_scores_each_candidate_with_tasks_built_once(tiny_zoo, live):
     table = tiny_zoo.manifest["verification"]["table"]
     try:
         ev.setup(model, tok)
-        built = ev._tasks
+        built = ev._prepared
         for candidate in ["base", *tiny_zoo.finetune_tasks, "base"]:
             load_weights(model, tiny_zoo.models[candidate])  # in place, as the resident merger will
             metrics = ev(model, tok)
-            assert ev._tasks is built
+            assert ev._prepared is built
             # equals the zoo build's independent greedy scorer on the test split
             assert {t: metrics[f"zoo_{t}/exact_match"] for t in tiny_zoo.finetune_tasks} == table[candidate]
     finally:

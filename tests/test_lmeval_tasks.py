@@ -28,7 +28,7 @@ def test_task_manager_finds_test_val_and_group_tasks(tiny_zoo, harness):
     manager = harness[3]
     names = set(manager.all_tasks)
     for t in tiny_zoo.finetune_tasks:
-        assert {f"zoo_{t}", f"zoo_{t}_val"} <= names
+        assert {f"zoo_{t}", f"zoo_{t}_val", f"zoo_{t}_choice", f"zoo_{t}_choice_val"} <= names
     assert {"zoo", "zoo_val"} <= names
 
 
@@ -52,3 +52,16 @@ def test_lm_eval_exact_match_equals_build_scorer(tiny_zoo, harness, split):
         # ...and its exact match equals our independent greedy decoder's.
         ours = exact_match(model, codec, rows, max_toks)
         assert out["results"][name]["exact_match,none"] == pytest.approx(ours)
+
+
+def test_zoo_built_before_the_choice_tasks_gains_them_on_load(tiny_zoo, tmp_path):
+    import shutil
+
+    from evomerge.zoo.registry import load_zoo
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_zoo.path, old)
+    for f in old.glob("tasks/*_choice*.yaml"):
+        f.unlink()
+    info = load_zoo(old)
+    assert {f"zoo_{t}_choice_val.yaml" for t in info.finetune_tasks} <= {f.name for f in info.tasks_dir.glob("*.yaml")}

@@ -18,12 +18,14 @@ class LMEvalEvaluator(Evaluator):
     """Runs lm-eval tasks on the live model; metrics are named ``task/metric``.
 
     Set up once per worker: one ``TaskManager`` restricted to ``include_path``
-    (no scan of lm-eval's bundled tasks), the tasks built once (documents loaded
-    once), and one ``HFLM`` wrapper around the live model with the batch size set
-    on the wrapper (``simple_evaluate`` ignores its own ``batch_size`` for model
-    instances). lm-eval's response cache is never used: it would hand one merge
-    another merge's answers. ``split`` picks the documents scored: ``validation``
-    during search, ``test`` for reports.
+    (no scan of lm-eval's bundled tasks), the tasks and their requests built once
+    (documents, prompts and few-shot contexts; see ``PreparedTasks``), and one
+    ``HFLM`` wrapper around the live model with the batch size set on the wrapper
+    (``simple_evaluate`` ignores its own ``batch_size`` for model instances). Per
+    candidate only the model answers the kept requests. lm-eval's response cache
+    is never used: it would hand one merge another merge's answers. ``split``
+    picks the documents scored: ``validation`` during search, ``test`` for
+    reports. Scores equal ``simple_evaluate``'s with the same settings.
     """
 
     name = "lm_eval"
@@ -43,11 +45,12 @@ class LMEvalEvaluator(Evaluator):
         self.num_fewshot = num_fewshot
         self.metric = metric
         self._lm = None
-        self._tasks = None
+        self._prepared = None
 
     def setup(self, model, tokenizer) -> None:
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
+
+        from evomerge.evaluation.lmeval_prepared import PreparedTasks, wrap_model
 
         if self.include_path is not None and not Path(self.include_path).is_dir():
             raise EvomergeError(f"lm_eval: include_path {self.include_path} is not a directory")
@@ -71,8 +74,11 @@ class LMEvalEvaluator(Evaluator):
                 task.set_config(key="num_fewshot", value=self.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-        self._tasks = loaded
-        self._lm = _quiet(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        try:
+            self._prepared = PreparedTasks(loaded["tasks"], self.limit)
+        except Exception as exc:  # documents or templates lm-eval cannot turn into requests
+            raise EvomergeError(f"lm_eval: cannot build the requests of {self.task_names}: {exc}") from exc
+        self._lm = wrap_model(model, tokenizer, self.batch_size)
 
     def _select_split(self, name: str, task) -> None:
         """Make ``eval_docs`` return the chosen split (lm-eval prefers test when it is set)."""
@@ -85,37 +91,15 @@ class LMEvalEvaluator(Evaluator):
             raise EvomergeError(f"lm_eval: task {name!r} has no test split")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
-        from lm_eval.evaluator import evaluate
-
         if self._lm is None:
             self.setup(model, tokenizer)
-        # lm-eval's core evaluate() on tasks built once: simple_evaluate would re-load the
-        # tasks and collect environment info (a git subprocess) on every candidate.
-        out = evaluate(lm=self._lm, task_dict=self._tasks, limit=self.limit, log_samples=False,
-                       bootstrap_iters=0, verbosity="ERROR")
         metrics: dict[str, float] = {}
-        for task, results in out["results"].items():
+        for task, results in self._prepared.score(self._lm).items():
             for key, value in results.items():
-                # metrics are keyed "metric,filter"; skip alias, sample counts and stderr
-                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                # metrics are keyed "metric,filter"; skip stderr (not computed during a search)
+                if "_stderr," in key or not isinstance(value, (int, float)):
                     continue
                 metric = key.split(",", 1)[0]
                 if self.metric is None or metric == self.metric:
                     metrics[f"{task}/{metric}"] = float(value)
         return metrics
-
-
-def _quiet(hflm_class):
-    """HFLM whose request loops show no tqdm bar (lm-eval's evaluator cannot turn them off)."""
-
-    class QuietHFLM(hflm_class):
-        def loglikelihood(self, requests, disable_tqdm: bool = True):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = True):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return QuietHFLM

@@ -106,10 +106,14 @@ class LocalExecutor(Executor):
 
 
 class RayExecutor(Executor):
-    """A pool of ``EvalWorker`` Ray actors on a local or existing Ray cluster."""
+    """A pool of ``EvalWorker`` Ray actors on a local or existing Ray cluster.
+
+    ``threads``: intra-op threads per worker; default the cluster's CPUs divided
+    among the workers.
+    """
 
     def __init__(self, space: dict[str, Any], workers: int, *, address: str | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, threads: int | None = None) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -126,7 +130,7 @@ class RayExecutor(Executor):
             raise EvomergeError("device cuda was asked for, but the Ray cluster has no GPUs")
         self.workers = workers
         cpus = max(1.0, resources.get("CPU", 1.0))
-        self._threads = max(1, int(cpus // workers))
+        self._threads = threads or max(1, int(cpus // workers))
         self._options = {"num_cpus": min(1.0, cpus / workers), "num_gpus": 1 if self.device == "cuda" else 0,
                          "max_restarts": 0, "max_concurrency": 1}
         self._space = space

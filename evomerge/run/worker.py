@@ -40,6 +40,7 @@ class EvalWorker:
         return self.info()
 
     def _start(self, space: dict[str, Any], device: str | None, threads: int | None) -> None:
+        begin = time.perf_counter()
         import torch
 
         from evomerge.evaluation.registry import build_evaluator
@@ -49,20 +50,26 @@ class EvalWorker:
 
         if threads:
             torch.set_num_threads(threads)
+        libraries = time.perf_counter()
         space_obj = SearchSpace.model_validate(space)
         self.merger = ResidentMerger(space_obj.models.base, list(space_obj.models.sources), device=device,
                                      threads=threads or torch.get_num_threads())
         self.tokenizer = load_tokenizer(space_obj.models.base)
+        models = time.perf_counter()
         self.evaluators = {"full": [build_evaluator(spec) for spec in space_obj.objective.evaluators]}
         if space_obj.surrogate is not None:
             self.evaluators["surrogate"] = [build_evaluator(spec) for spec in space_obj.surrogate.evaluators]
         for evaluators in self.evaluators.values():
             for evaluator in evaluators:
                 evaluator.setup(self.merger.model, self.tokenizer)
+        # where a worker's start-up went (model code and lm-eval are imported on first use, so they
+        # count under models and evaluators)
+        self.startup = {"libraries": libraries - begin, "models": models - libraries,
+                        "evaluators": time.perf_counter() - models}
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs (shown in the progress display)."""
-        return {"worker": self.worker_id, "pid": self.pid, "device": self.merger.device}
+        """Where this worker runs (shown in the progress display) and its start-up seconds by stage."""
+        return {"worker": self.worker_id, "pid": self.pid, "device": self.merger.device, "startup": self.startup}
 
     def evaluate(self, candidate_id: int, recipe: dict[str, Any], mode: str = "full") -> dict[str, Any]:
         """Materialize and score one candidate; never raises for a bad candidate.

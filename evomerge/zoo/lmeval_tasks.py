@@ -4,6 +4,12 @@ For each task ``T`` the zoo gets ``zoo_T`` (scored on the *test* split, for
 final reports) and ``zoo_T_val`` (scored on the *validation* split, for search),
 plus the groups ``zoo`` and ``zoo_val`` averaging exact match over the tasks.
 ``lm_eval --include_path ZOO/tasks --tasks zoo`` runs them unchanged.
+
+``zoo_T_choice`` / ``zoo_T_choice_val`` score the same documents as a
+two-choice ``multiple_choice`` task (accuracy from two loglikelihood requests
+per document: the answer against the answer with its first character
+changed), the request shape of mergekit-evolve's benchmarks. They are derived
+from the same data files, so zoos built before they existed gain them on load.
 """
 
 from __future__ import annotations
@@ -14,14 +20,19 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.fsutil import write_bytes_atomic
+
 SPLITS = ("validation", "test")
 UNLABELED = "unlabeled.jsonl"
 TASK_PREFIX = "zoo_"
+CHOICE_SUFFIX = "_choice"
+#: The answer and a distractor of the same length that differs in its first character.
+CHOICES = "{{[answer, ('b' if answer[:1] == 'a' else 'a') ~ answer[1:]]}}"
 
 
-def task_name(task: str, split: str = "test") -> str:
-    """lm-eval task name of ``task`` scored on ``split`` (``test`` or ``validation``)."""
-    return f"{TASK_PREFIX}{task}" + ("_val" if split == "validation" else "")
+def task_name(task: str, split: str = "test", *, choice: bool = False) -> str:
+    """lm-eval task name of ``task`` scored on ``split``; ``choice``: its two-choice loglikelihood variant."""
+    return f"{TASK_PREFIX}{task}" + (CHOICE_SUFFIX if choice else "") + ("_val" if split == "validation" else "")
 
 
 def group_name(split: str = "test") -> str:
@@ -37,7 +48,8 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def _dump(path: Path, data: dict) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    # atomic: a cached zoo's YAMLs are rewritten in place while other processes may be reading them
+    write_bytes_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
 
 
 def write_task_files(
@@ -71,40 +83,35 @@ def write_task_files(
 def write_task_yamls(tasks_dir: Path, data_root: Path, names: list[str], max_gen_toks: int) -> None:
     """(Re)write the task and group YAMLs, pointing at data under ``data_root``."""
     for name in names:
-        main = task_name(name)
-        _dump(
-            tasks_dir / f"{main}.yaml",
-            {
-                "task": main,
-                "dataset_path": "json",
-                "dataset_kwargs": {
-                    "data_files": {
-                        split: str(data_root / "data" / name / f"{split}.jsonl") for split in SPLITS
-                    }
-                },
-                "output_type": "generate_until",
-                "validation_split": "validation",
-                "test_split": "test",
-                "doc_to_text": "{{prompt}}",
-                "doc_to_target": "{{answer}}",
-                "target_delimiter": "",
-                "generation_kwargs": {
-                    "until": ["\n"],
-                    "max_gen_toks": max_gen_toks,
-                    "do_sample": False,
-                },
-                "metric_list": [
-                    {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
-                ],
-                "metadata": {"version": 1.0},
+        common = {
+            "dataset_path": "json",
+            "dataset_kwargs": {
+                "data_files": {split: str(data_root / "data" / name / f"{split}.jsonl") for split in SPLITS}
             },
-        )
-        # The validation variant scores the validation split: lm-eval evaluates
-        # test_split when it is set, so the variant drops it.
-        _dump(
-            tasks_dir / f"{task_name(name, 'validation')}.yaml",
-            {"include": f"{main}.yaml", "task": task_name(name, "validation"), "test_split": None},
-        )
+            "validation_split": "validation",
+            "test_split": "test",
+            "doc_to_text": "{{prompt}}",
+            "target_delimiter": "",
+        }
+        generate = {
+            "output_type": "generate_until",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        }
+        choice = {
+            "output_type": "multiple_choice",
+            "doc_to_choice": CHOICES,
+            "doc_to_target": 0,
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        }
+        for variant, is_choice in ((generate, False), (choice, True)):
+            main = task_name(name, choice=is_choice)
+            _dump(tasks_dir / f"{main}.yaml", {"task": main, **common, **variant, "metadata": {"version": 1.0}})
+            # The validation variant scores the validation split: lm-eval evaluates
+            # test_split when it is set, so the variant drops it.
+            val = task_name(name, "validation", choice=is_choice)
+            _dump(tasks_dir / f"{val}.yaml", {"include": f"{main}.yaml", "task": val, "test_split": None})
     for split in SPLITS:
         _dump(
             tasks_dir / f"{group_name(split)}.yaml",
@@ -120,9 +127,10 @@ def write_task_yamls(tasks_dir: Path, data_root: Path, names: list[str], max_gen
 
 
 def ensure_task_paths(tasks_dir: Path, names: list[str], max_gen_toks: int) -> None:
-    """Rewrite the YAMLs when the zoo was moved and their data paths went stale."""
+    """Rewrite the YAMLs when the zoo was moved (stale data paths) or predates the two-choice tasks."""
     main = tasks_dir / f"{task_name(names[0])}.yaml"
     config = yaml.safe_load(main.read_text())
     recorded = Path(config["dataset_kwargs"]["data_files"]["test"])
-    if recorded != tasks_dir / "data" / names[0] / "test.jsonl":
+    stale = recorded != tasks_dir / "data" / names[0] / "test.jsonl"
+    if stale or not (tasks_dir / f"{task_name(names[-1], 'validation', choice=True)}.yaml").exists():
         write_task_yamls(tasks_dir, tasks_dir, names, max_gen_toks)
