@@ -82,8 +82,8 @@ def per_candidate(size: str, n: int) -> dict[str, float]:
     recipes = [Recipe.model_validate(genome.decode(rng.random(genome.dim)).to_dict()) for _ in range(n)]
     from lm_eval.models.huggingface import HFLM
 
-    prepared = worker.evaluators[0]._prepared
-    lm = worker.evaluators[0]._lm
+    prepared = worker.evaluators["full"][0]._prepared
+    lm = worker.evaluators["full"][0]._lm
     # the baselines get a stock wrapper, built once, and tasks built once for evaluate()
     stock = HFLM(pretrained=worker.merger.model, tokenizer=worker.tokenizer, batch_size=2 * ITEMS)
     manager = _task_manager(zoo)
