@@ -136,6 +136,15 @@ def test_presets_validate(preset):
     assert space.budget > 0 and space.objective.fitness
 
 
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "search_spaces" / "adamerging").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_adamerging_presets_validate(preset):
+    from evomerge.adamerging.config import AdaMergingConfig
+
+    config = AdaMergingConfig.from_file(preset)
+    assert config.tasks and config.steps > 0
+
+
 def test_models_of_different_architectures_are_refused(tiny_zoo, tmp_path):
     import json
     import shutil
