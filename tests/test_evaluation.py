@@ -178,3 +178,22 @@ def test_accuracy_counts_argmax_matches_and_names_bad_labels(tiny_zoo, tmp_path)
     data.write_text(json.dumps({"text": "x", "label": "d"}) + "\n")
     with pytest.raises(EvomergeError, match=r"cls\.jsonl: row 1: label 'd' is not a class of the model \(0\.\.2 or a, b, c\)"):
         build_evaluator({"type": "accuracy", "path": str(data)}).setup(model, tokenizer)
+
+
+def test_reports_switch_file_evaluators_to_their_test_path():
+    from evomerge.evaluation.objective import Objective
+
+    objective = Objective.model_validate({
+        "evaluators": [
+            {"type": "accuracy", "path": "val.npz", "test_path": "test.npz", "limit": 8, "name": "a"},
+            {"type": "entropy", "path": "unlabeled.npz", "limit": 8},
+            {"type": "lm_eval", "tasks": ["t"], "split": "validation", "limit": 8},
+        ],
+        "fitness": [{"name": "f", "direction": "maximize", "metrics": ["a/accuracy"]}],
+    })
+    test = objective.for_split("test")
+    assert test[0] == {"type": "accuracy", "path": "test.npz", "name": "a"}
+    assert test[1] == {"type": "entropy", "path": "unlabeled.npz", "limit": 8}
+    assert test[2] == {"type": "lm_eval", "tasks": ["t"], "split": "test"}
+    assert objective.for_split("validation")[0] == {"type": "accuracy", "path": "val.npz", "limit": 8, "name": "a"}
+    assert build_evaluator({"type": "accuracy", "path": "val.npz", "test_path": "test.npz"}).path == "val.npz"

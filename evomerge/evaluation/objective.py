@@ -27,6 +27,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+#: Evaluator setting naming the file a report scores instead of ``path`` (see ``Objective.for_split``).
+TEST_PATH = "test_path"
+
+
 def builtin_metrics(model) -> dict[str, float]:
     """Metrics every candidate has, whatever the evaluators: its decoder depth."""
     return {"merge/num_layers": float(model.config.num_hidden_layers)}
@@ -93,18 +97,28 @@ class Objective(BaseModel):
         return [f.value(metrics) for f in self.fitness]
 
     def for_split(self, split: str) -> list[dict[str, Any]]:
-        """The evaluator configs with every lm_eval evaluator switched to ``split``.
+        """The evaluator configs switched to ``split``.
 
-        Reports use ``test``, and score all of it: ``limit`` is a per-candidate
-        cost knob of the search, not a property of the reported number.
+        lm_eval evaluators change their ``split``; file-based ones (accuracy,
+        perplexity, ...) read their ``test_path`` instead of ``path`` for
+        ``test`` when the config names one. Reports use ``test``, and score all
+        of it: ``limit`` is a per-candidate cost knob of the search, not a
+        property of the reported number.
         """
         def switched(spec: dict[str, Any]) -> dict[str, Any]:
-            spec = {**spec, "split": split}
+            spec = dict(spec)
+            test_path = spec.pop(TEST_PATH, None)
+            if spec["type"] == "lm_eval":
+                spec["split"] = split
+            elif split == "test" and test_path is not None:
+                spec["path"] = test_path
+            else:
+                return spec
             if split == "test":
                 spec.pop("limit", None)
             return spec
 
-        return [switched(spec) if spec["type"] == "lm_eval" else dict(spec) for spec in self.evaluators]
+        return [switched(spec) for spec in self.evaluators]
 
 
 class Surrogate(Fitness):

@@ -36,7 +36,7 @@ from evomerge.spaces.parameter import ParameterGenomeConfig
 from evomerge.yamlconfig import parse_yaml, read_text, validate, with_overrides
 
 #: Evaluator settings that name files or directories (resolved like model references).
-PATH_SETTINGS = ("include_path", "path", "data", "head_from")
+PATH_SETTINGS = ("include_path", "path", "test_path", "data", "head_from")
 
 
 class _Strict(BaseModel):
