@@ -142,3 +142,20 @@ def test_adamerging_lowers_entropy_and_moves_the_coefficients(tiny_vision_zoo):
     # heads are never merged: the exported recipe gives them weight 0
     weights = result.recipe.models[0].parameters["weight"]
     assert weights[0] == {"filter": f"{HEAD_PREFIX}.bias", "value": 0.0}
+
+
+def test_multihead_entropy_equals_per_task_entropies_in_one_pass(tiny_vision_zoo):
+    zoo = tiny_vision_zoo
+    live = load_model(zoo.models["base"])
+    tasks = zoo.finetune_tasks
+    per_task = [build_evaluator({"type": "entropy", "path": str(task_split(zoo, t, "unlabeled")), "limit": 24,
+                                 "head_from": str(zoo.models[t])})(live, None)["entropy"] for t in tasks]
+    fused = build_evaluator({"type": "multihead_entropy", "limit": 24,
+                             "paths": [str(task_split(zoo, t, "unlabeled")) for t in tasks],
+                             "heads_from": [str(zoo.models[t]) for t in tasks]})
+    assert fused(live, None)["entropy"] == pytest.approx(sum(per_task) / len(per_task), rel=1e-5)
+    with pytest.raises(EvomergeError, match="one heads_from model per path"):
+        build_evaluator({"type": "multihead_entropy", "paths": ["a.npz"], "heads_from": []})
+    with pytest.raises(EvomergeError, match="no linear head 'vit.layernorm.x'"):
+        build_evaluator({"type": "multihead_entropy", "paths": [str(task_split(zoo, "digits", "unlabeled"))],
+                         "heads_from": [str(zoo.models["digits"])], "head_prefix": "vit.layernorm.x"}).setup(live, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from evomerge.errors import EvomergeError
 from evomerge.evaluation.base import Evaluator, HeadSwap, image_batches, read_jsonl, read_npz, tokenize_batches
 from evomerge.evaluation.registry import register
 
@@ -65,3 +66,68 @@ class EntropyEvaluator(Evaluator):
                 total += float(prediction_entropy(logits)) * logits.shape[0]
                 count += logits.shape[0]
         return {"entropy": total / count}
+
+
+@register
+class MultiHeadEntropyEvaluator(Evaluator):
+    """Mean entropy over several tasks' unlabeled images, in one forward pass, each task through its own head.
+
+    The multi-head setting's surrogate at the cost of a single pass: every
+    task's images (``paths``, ``.npz`` with ``pixel_values``) go through the
+    model together; the input of the linear head module (``head_prefix``) is
+    captured and each task's rows are scored with that task's head tensors
+    (from ``heads_from``, the task models). Reports ``entropy``, the mean over
+    tasks of each task's mean entropy: the same number as one ``entropy``
+    evaluator per task with ``head_from``, averaged.
+    """
+
+    name = "multihead_entropy"
+
+    def __init__(self, paths: list[str], heads_from: list[str], head_prefix: str = "classifier",
+                 limit: int | None = None) -> None:
+        if not paths or len(paths) != len(heads_from):
+            raise EvomergeError("multihead_entropy: give one heads_from model per path (and at least one)")
+        self.paths = list(paths)
+        self.heads = [HeadSwap(d, head_prefix) for d in heads_from]
+        self.head_prefix = head_prefix
+        self.limit = limit
+        self._images = None
+        self._bounds: list[int] = []
+
+    def setup(self, model, tokenizer) -> None:
+        import numpy as np
+        import torch
+
+        module = dict(model.named_modules()).get(self.head_prefix)
+        if not isinstance(module, torch.nn.Linear):
+            raise EvomergeError(f"multihead_entropy: {type(model).__name__} has no linear head {self.head_prefix!r}")
+        for head in self.heads:
+            head.setup(model)
+        arrays = [read_npz(p, ("pixel_values",), self.limit)["pixel_values"] for p in self.paths]
+        self._bounds = np.cumsum([0, *map(len, arrays)]).tolist()
+        self._images = torch.from_numpy(np.concatenate(arrays)).float()
+        self._weights = [(h.tensors[f"{self.head_prefix}.weight"], h.tensors.get(f"{self.head_prefix}.bias"))
+                         for h in self.heads]
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        import torch
+
+        if self._images is None:
+            self.setup(model, tokenizer)
+        device = next(model.parameters()).device
+        captured = []
+        hook = model.get_submodule(self.head_prefix).register_forward_hook(
+            lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            with torch.no_grad():
+                model(pixel_values=self._images.to(device))
+        finally:
+            hook.remove()
+        features = captured[0]
+        total = 0.0
+        with torch.no_grad():
+            for (weight, bias), start, end in zip(self._weights, self._bounds, self._bounds[1:]):
+                logits = torch.nn.functional.linear(features[start:end], weight.to(device),
+                                                    None if bias is None else bias.to(device))
+                total += float(prediction_entropy(logits))
+        return {"entropy": total / len(self._weights)}

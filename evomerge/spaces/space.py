@@ -36,7 +36,7 @@ from evomerge.spaces.parameter import ParameterGenomeConfig
 from evomerge.yamlconfig import parse_yaml, read_text, validate, with_overrides
 
 #: Evaluator settings that name files or directories (resolved like model references).
-PATH_SETTINGS = ("include_path", "path", "test_path", "data", "head_from")
+PATH_SETTINGS = ("include_path", "path", "test_path", "data", "head_from", "paths", "heads_from")
 
 
 class _Strict(BaseModel):
@@ -118,6 +118,8 @@ class SearchSpace(_Strict):
             for key in PATH_SETTINGS:
                 if isinstance(spec.get(key), str):
                     spec[key] = ref(spec[key])
+                elif isinstance(spec.get(key), list):
+                    spec[key] = [ref(v) if isinstance(v, str) else v for v in spec[key]]
             module, sep, fn = str(spec.get("function", "")).rpartition(":")
             if spec["type"] == "python" and sep and module.endswith(".py"):
                 spec["function"] = f"{ref(module)}:{fn}"
