@@ -142,7 +142,7 @@ def test_python_evaluator_and_its_failures(live, tmp_path):
 
 
 def test_evaluator_configs_are_validated():
-    with pytest.raises(EvomergeError, match="unknown evaluator 'bleu'; known: accuracy, entropy, lm_eval, perplexity, python"):
+    with pytest.raises(EvomergeError, match="unknown evaluator 'bleu'; known: accuracy, entropy, lm_eval, multihead_entropy, perplexity, python"):
         build_evaluator({"type": "bleu"})
     with pytest.raises(EvomergeError, match="unknown setting 'taskz'; valid: tasks"):
         build_evaluator({"type": "lm_eval", "taskz": ["a"]})
