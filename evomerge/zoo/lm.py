@@ -146,10 +146,21 @@ def build_lm_zoo(
     build leaves nothing behind. ``force`` replaces a zoo with a different spec,
     never a directory that is not a zoo.
     """
+    spec = get_lm_spec(size)
+    return build_zoo_dir("lm", size, spec, out, seed=seed, force=force, progress=progress,
+                         build=lambda tmp, final, say: _build_into(tmp, final, spec, seed, say))
+
+
+def build_zoo_dir(kind: str, size: str, spec, out: Path | None, *, seed: int, force: bool,
+                  progress: Progress | None, build: Callable[[Path, Path, Progress], dict]) -> ZooInfo:
+    """The build plumbing every zoo kind shares: reuse by fingerprint, temp dir renamed at the end, manifest.
+
+    ``build(tmp, final, say)`` trains into ``tmp`` (``final`` is where it will
+    live) under pinned numerics and returns the manifest's kind-specific part.
+    """
     from evomerge.zoo.registry import default_zoo_dir, prepare_zoo_dir
 
-    spec = get_lm_spec(size)
-    out = Path(out) if out is not None else default_zoo_dir("lm", size, seed)
+    out = Path(out) if out is not None else default_zoo_dir(kind, size, seed)
     fingerprint = spec.fingerprint(seed)
     existing = prepare_zoo_dir(out, fingerprint, force=force)
     if existing is not None:
@@ -158,15 +169,9 @@ def build_lm_zoo(
     start = time.perf_counter()
     with atomic_dir(out.resolve(), replace=force) as tmp:
         with pinned_numerics(spec.threads, seed):
-            manifest = _build_into(tmp, out.resolve(), spec, seed, say)
-        manifest.update(
-            kind="lm",
-            size=size,
-            seed=seed,
-            fingerprint=fingerprint,
-            spec=asdict(spec),
-            build_seconds=round(time.perf_counter() - start, 1),
-        )
+            manifest = build(tmp, out.resolve(), say)
+        manifest.update(kind=kind, size=size, seed=seed, fingerprint=fingerprint, spec=asdict(spec),
+                        build_seconds=round(time.perf_counter() - start, 1))
         write_json_atomic(tmp / MANIFEST, manifest)
     return ZooInfo(out, read_manifest(out))
 
@@ -176,8 +181,8 @@ def _build_into(tmp: Path, final: Path, spec: LMZooSpec, seed: int, say: Progres
     from transformers import LlamaForCausalLM
 
     from evomerge.zoo.lmeval_tasks import write_task_files
-    from evomerge.zoo.tokenizer import build_char_tokenizer
     from evomerge.zoo.tasks import heldout_split
+    from evomerge.zoo.tokenizer import build_char_tokenizer
     from evomerge.zoo.train import CharCodec, MixtureSampler, exact_match, train
 
     tokenizer = build_char_tokenizer()

@@ -10,6 +10,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+
+def fingerprint(payload: dict) -> str:
+    """Stable short hash of a zoo's spec and seed (names its directory)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 #: Bumped whenever the build procedure changes what a spec produces.
 FORMAT_VERSION = 1
 
@@ -70,8 +76,7 @@ class LMZooSpec:
 
     def fingerprint(self, seed: int) -> str:
         """Stable short hash of the spec and seed."""
-        blob = json.dumps({"spec": asdict(self), "seed": seed}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return fingerprint({"spec": asdict(self), "seed": seed})
 
 
 LM_SIZES: dict[str, LMZooSpec] = {
@@ -178,8 +183,7 @@ class VisionZooSpec:
 
     def fingerprint(self, seed: int) -> str:
         """Stable short hash of the spec and seed."""
-        blob = json.dumps({"kind": "vision", "spec": asdict(self), "seed": seed}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return fingerprint({"kind": "vision", "spec": asdict(self), "seed": seed})
 
 
 VISION_SIZES: dict[str, VisionZooSpec] = {

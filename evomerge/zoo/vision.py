@@ -23,21 +23,15 @@ AdaMerging behave as in the paper (see docs/zoo.md).
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import atomic_dir, write_json_atomic
-from evomerge.zoo.registry import MANIFEST, ZooInfo, read_manifest
+from evomerge.zoo.registry import ZooInfo
 from evomerge.zoo.spec import VISION_SIZES, VisionZooSpec
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test", "unlabeled")
 #: Tensor-name prefix of a task model's head (kept per task, never merged).
@@ -211,24 +205,11 @@ def accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:
 def build_vision_zoo(size: str, out: Path | None = None, *, seed: int = 0, force: bool = False,
                      progress: Callable[[str], None] | None = None) -> ZooInfo:
     """Build (or reuse) the vision zoo ``size`` for ``seed`` at ``out`` (atomically, like the LM zoo)."""
-    from evomerge.zoo.lm import pinned_numerics
-    from evomerge.zoo.registry import default_zoo_dir, prepare_zoo_dir
+    from evomerge.zoo.lm import build_zoo_dir
 
     spec = get_vision_spec(size)
-    out = Path(out) if out is not None else default_zoo_dir("vision", size, seed)
-    fingerprint = spec.fingerprint(seed)
-    existing = prepare_zoo_dir(out, fingerprint, force=force)
-    if existing is not None:
-        return existing
-    say = progress or (lambda msg: log.info(msg))
-    start = time.perf_counter()
-    with atomic_dir(out.resolve(), replace=force) as tmp:
-        with pinned_numerics(spec.threads, seed):
-            manifest = _build_into(tmp, spec, seed, say)
-        manifest.update(kind="vision", size=size, seed=seed, fingerprint=fingerprint, spec=asdict(spec),
-                        build_seconds=round(time.perf_counter() - start, 1))
-        write_json_atomic(tmp / MANIFEST, manifest)
-    return ZooInfo(out, read_manifest(out))
+    return build_zoo_dir("vision", size, spec, out, seed=seed, force=force, progress=progress,
+                         build=lambda tmp, final, say: _build_into(tmp, spec, seed, say))
 
 
 def _build_into(tmp: Path, spec: VisionZooSpec, seed: int, say: Callable[[str], None]) -> dict:
