@@ -108,17 +108,9 @@ class AdaMergingConfig(AdaMergingSettings):
 def _npz_inputs(task: TaskConfig) -> dict[str, torch.Tensor]:
     import numpy as np
 
-    try:
-        with np.load(task.unlabeled) as data:
-            if task.input_key not in data:
-                raise EvomergeError(
-                    f"{task.unlabeled}: no array {task.input_key!r} (has {', '.join(data.files)}); set input_key"
-                )
-            array = data[task.input_key][: task.limit]
-    except (OSError, ValueError) as exc:
-        raise EvomergeError(f"{task.unlabeled}: cannot read as .npz ({exc})") from None
-    if len(array) == 0:
-        raise EvomergeError(f"{task.unlabeled}: {task.input_key!r} holds no samples")
+    from evomerge.evaluation.base import read_npz
+
+    array = read_npz(task.unlabeled, (task.input_key,), task.limit)[task.input_key]
     return {task.input_key: torch.from_numpy(np.ascontiguousarray(array)).float()}
 
 

@@ -36,6 +36,7 @@ from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
+
 class AdaMergingSettings(BaseModel):
     """Training settings; defaults follow the reference code (Adam 1e-3, init 0.3, 500 steps, batch 16, clamp)."""
 
@@ -147,14 +148,12 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
         initial = float(loss_on(probe)) / len(tasks)
     losses: list[float] = []
     stopped = None
-    good = raw.detach().clone()
     for step in range(settings.steps):
         loss = loss_on(sample())
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # checked before the update, so ``raw`` still holds the last good step
             stopped = f"loss became {loss.item()} at step {step + 1}; kept the coefficients of step {step}"
             log.warning("adamerging: %s", stopped)
             break
-        good = raw.detach().clone()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -162,9 +161,6 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
         if progress is not None:
             progress(step + 1, settings.steps, losses[-1])
     with torch.no_grad():
-        if stopped is None:
-            good = raw.detach().clone()
-        raw.copy_(good)
         learned = coefficients().detach().cpu()
         final = float(loss_on(probe)) / len(tasks)
     sources = [t.source for t in tasks]
