@@ -144,8 +144,7 @@ class HeadSwap:
 
         source = ModelDir(self.model_dir)
         params = dict(model.named_parameters())
-        self.live_names = {name: live for name, live in checkpoint_names(model).items() if live in params}
-        own = {name: params[live] for name, live in self.live_names.items()}
+        own = {name: params[live] for name, live in checkpoint_names(model).items() if live in params}
         names = [n for n in source.names if n.startswith(self.prefix)]
         if not names:
             raise EvomergeError(f"{self.model_dir}: no tensor starts with head prefix {self.prefix!r}")
@@ -157,15 +156,16 @@ class HeadSwap:
                 raise EvomergeError(f"{self.model_dir}: head tensor {name!r} has shape {list(tensor.shape)}, "
                                     f"the evaluated model has {list(own[name].shape)}")
             self.tensors[name] = tensor.to(own[name].dtype)
+        # the live model's head parameters, resolved once: apply runs for every candidate
+        self._pairs = [(own[name], tensor) for name, tensor in self.tensors.items()]
 
     def apply(self, model) -> None:
-        """Write the head into ``model`` (in place)."""
+        """Write the head into the live model set up with (in place)."""
         import torch
 
-        params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, tensor in self.tensors.items():
-                params[self.live_names[name]].copy_(tensor)
+            for param, tensor in self._pairs:
+                param.copy_(tensor)
 
 
 def image_batches(pixel_values, batch_size: int) -> list[dict[str, Any]]:
