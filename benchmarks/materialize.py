@@ -38,7 +38,7 @@ def bench_size(size: str, n: int) -> None:
     from evomerge.zoo import build_zoo
 
     zoo = build_zoo("lm", size)
-    recipes = [ties(zoo, 0.3 + 0.2 * i, 0.5 + 0.1 * i) for i in range(n)]
+    recipes = [ties(zoo, 0.2 + 0.7 * i / max(1, n - 1), 0.5 + 0.1 * i) for i in range(n)]
     start = time.perf_counter()
     merger = ResidentMerger(zoo.models["base"], [zoo.models[t] for t in zoo.finetune_tasks], device="cpu")
     setup = time.perf_counter() - start

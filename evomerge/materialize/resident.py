@@ -43,9 +43,17 @@ the cache and masks but the source layer for the module; ``output_hidden_states`
 and ``output_attentions`` are not supported (transformers installs its capture
 hooks once, on whichever layers are in place then).
 
-Placement today is "all on device" (pool + live model). Streaming sources from
-pinned host memory or disk for models that do not fit and precomputed
-per-tensor statistics are the next steps.
+Parameter-space candidates of the task-vector family (task_arithmetic, ties,
+dare_ties, dare_linear) whose models share one tensor layout take the
+blockwise route (``evomerge.materialize.blockwise``): the same arithmetic on
+blocks of tensors at once, TIES cuts from magnitude indexes built on first use
+per (base, source) pair. Other methods run the export jobs tensor by tensor.
+
+Where the pool lives follows a memory plan (``evomerge.materialize.placement``):
+all on the device, in pinned host memory streamed per block, or read from the
+model files per candidate; chosen from the sizes and free memory unless forced,
+and reported in ``memory``. With a streamed placement, layer-path layers are
+copied to the device the first time a path uses them.
 """
 
 from __future__ import annotations
@@ -59,8 +67,12 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.io.model_dir import ModelDir
-from evomerge.materialize.export import run_jobs
+from evomerge.materialize.blockwise import BLOCKWISE, magnitude_index, merge_block
+from evomerge.materialize.export import job_seed, run_jobs
+from evomerge.materialize.placement import plan_memory
 from evomerge.materialize.plan import MergePlan, plan_merge
+from evomerge.materialize.pool import BLOCK_NUMEL, PoolModel, layout, model_bytes
+from evomerge.methods.magnitude_index import MagnitudeIndex
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -111,39 +123,31 @@ class ScaledLayer(torch.nn.Module):
         return f"alpha={self.alpha}, position={self.position}"
 
 
-class _ResidentModel:
-    """A ModelDir whose tensors were read once and are served from memory."""
-
-    def __init__(self, source: ModelDir, device: str) -> None:
-        self.path = source.path
-        self.config = source.config
-        self.arch = source.arch
-        self.infos = source.infos
-        self.names = source.names
-        self.num_layers = source.num_layers
-        self._tensors = {name: source.tensor(name).to(device) for name in source.names}
-
-    def info(self, name: str):
-        return self.infos[name]
-
-    def tensor(self, name: str):
-        return self._tensors[name]
-
-
 class ResidentMerger:
     """One live model plus a resident pool of source weights; see the module doc."""
 
     def __init__(self, base: str | Path, sources: list[str | Path], *, device: str | None = None,
-                 threads: int = 2, allow_pickle: bool = False) -> None:
+                 threads: int = 2, allow_pickle: bool = False, placement: str = "auto",
+                 block_numel: int = BLOCK_NUMEL) -> None:
         from evomerge.io.live import checkpoint_names, load_model
         from evomerge.perf import keep_freed_memory
 
         keep_freed_memory()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # CPU: tensors are merged in parallel, one intra-op thread each; CUDA: one stream, in order.
+        # CPU: per-tensor jobs run in parallel, one intra-op thread each; CUDA: one stream, in order.
         self.threads = max(1, threads) if self.device == "cpu" else 1
         names = [str(base)] + [str(s) for s in sources if str(s) != str(base)]
-        self.pool = {name: _ResidentModel(ModelDir(name, allow_pickle=allow_pickle), self.device) for name in names}
+        dirs = {name: ModelDir(name, allow_pickle=allow_pickle) for name in names}
+        widest = max((b.numel for d in dirs.values() for b in layout(d, block_numel)), default=0)
+        #: where the pool lives and why (see ``evomerge.materialize.placement``)
+        self.memory = plan_memory(
+            pool_bytes=sum(model_bytes(d) for d in dirs.values()), live_bytes=model_bytes(dirs[str(base)]),
+            workspace_bytes=(len(names) + 2) * widest * 4, device=self.device, requested=placement,
+        )
+        log.info("resident merger: %s", self.memory.describe())
+        self.pool = {name: PoolModel(d, placement=self.memory.placement, device=self.device, block_numel=block_numel)
+                     for name, d in dirs.items()}
+        self._indexes: dict[tuple[str, str, int], MagnitudeIndex] = {}
         self.base = str(base)
         self.model = load_model(base, self.device)
         # Detached views of the parameters, by checkpoint name (what merge plans use): in-place
@@ -156,7 +160,6 @@ class ResidentMerger:
         self._own_layers = self.model.get_submodule(container)
         self._own_config: dict | None = None  # config values a layer path replaced, to put back
         self._live_layers: dict[str, list] = {}  # pool model -> its decoder layers over the pool tensors
-        log.info("resident merger on %s: %d models, placement all-on-device", self.device, len(self.pool))
 
     def materialize(self, recipe: Recipe, *, seed: int | None = None):
         """Materialize ``recipe`` in the live model and return it.
@@ -179,7 +182,8 @@ class ResidentMerger:
         if missing:
             raise MaterializeError(f"the live model has no tensor {missing[0]!r}")
         self._restore_layers()
-        self._write(plan, recipe, seed)
+        if not self._write_blockwise(plan, recipe, seed):
+            self._write(plan, recipe, seed)
         return self.model
 
     # -- parameter space -----------------------------------------------------------
@@ -199,6 +203,59 @@ class ResidentMerger:
             run_jobs(plan, write, device=self.device, seed=seed, threads=self.threads)
         finally:
             torch.set_num_threads(intra)
+
+    def _write_blockwise(self, plan: MergePlan, recipe: Recipe, seed: int | None) -> bool:
+        """Write a task-vector candidate block by block; False when the plan does not fit that route.
+
+        It fits when every job merges the same sources onto the same base,
+        tensor for tensor by name, the models share one layout and no
+        ``dtype`` conversion precedes the arithmetic.
+        """
+        if plan.method.name not in BLOCKWISE or not plan.jobs or plan.jobs[0].base is None:
+            return False
+        base_name = plan.jobs[0].base[0]
+        sources = [m for m, _ in plan.jobs[0].sources]
+        base = self.pool[base_name]
+        if any(self.pool[m].blocks != base.blocks for m in sources):
+            return False
+        jobs = {job.out_name: job for job in plan.jobs}
+        if len(jobs) != len(base.names) or any(
+            job.base != (base_name, name) or job.sources != tuple((m, name) for m in sources)
+            for name, job in jobs.items()
+        ):
+            return False
+        if recipe.dtype and any(block.dtype != recipe.dtype for block in base.blocks):
+            return False
+        seed = seed if seed is not None else (recipe.random_seed or 0)
+        sparsifier = BLOCKWISE[plan.method.name][0]
+        for b, block in enumerate(base.blocks):
+            base_t = base.block(b)
+            source_t = [self.pool[m].block(b) for m in sources]
+            indexes = generators = None
+            if sparsifier == "magnitude":
+                indexes = [self._index(base_name, m, b, base_t, t) for m, t in zip(sources, source_t)]
+            elif sparsifier == "random":
+                generators = [torch.Generator(device=self.device).manual_seed(job_seed(seed, name))
+                              for name in block.names]
+            out = merge_block(block, base_t, source_t, [jobs[name].kwargs for name in block.names],
+                              method=plan.method.name, generators=generators, indexes=indexes)
+            # export's casts: the kernel returns the base's dtype, the job casts to its own
+            out = out.to(getattr(torch, block.dtype)).to(getattr(torch, jobs[block.names[0]].dtype))
+            if not bool(torch.isfinite(out).all()):
+                offsets = block.offsets()
+                bad = next(name for name, a, z in zip(block.names, offsets, offsets[1:])
+                           if not bool(torch.isfinite(out[a:z]).all()))
+                raise MaterializeError(f"candidate tensor {bad} has NaN or Inf values")
+            for name, shape, a, n in zip(block.names, block.shapes, block.offsets(), block.sizes):
+                self._targets[name].copy_(out[a:a + n].view(shape))
+        return True
+
+    def _index(self, base: str, source: str, b: int, base_t: torch.Tensor, source_t: torch.Tensor) -> MagnitudeIndex:
+        """The magnitude index of ``source - base`` over block ``b``, built on first use."""
+        key = (base, source, b)
+        if key not in self._indexes:
+            self._indexes[key] = magnitude_index(self.pool[base].blocks[b], base_t, source_t)
+        return self._indexes[key]
 
     def _restore_layers(self) -> None:
         """Put the live model's own layers and config back after a layer path."""
@@ -288,7 +345,8 @@ class ResidentMerger:
         for tensor_name in model.names:
             parts = model.arch.split(tensor_name)
             if parts is not None:
-                by_layer.setdefault(parts[0], {})[parts[1]] = model.tensor(tensor_name)
+                # a view of the resident pool (no copy) unless the pool is streamed from host or disk
+                by_layer.setdefault(parts[0], {})[parts[1]] = model.tensor(tensor_name).to(self.device)
         layers = []
         for i in range(model.num_layers):
             with torch.device("meta"):

@@ -63,7 +63,7 @@ def generalized_task_arithmetic(
         if weight[i] != 1:
             delta.mul_(weight[i])
     if consensus:
-        mixed, divisor = _sign_consensus(deltas, weight, normalize)
+        mixed, divisor = sign_consensus(deltas, weight, normalize)
     else:
         mixed = deltas.sum(0)
         total = float(sum(weight))
@@ -75,14 +75,15 @@ def generalized_task_arithmetic(
     return mixed.add_(base32).to(base.dtype)
 
 
-def _sign_consensus(weighted: torch.Tensor, weight: Sequence[float], with_divisor: bool):
+def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor], with_divisor: bool):
     """TIES disjoint merge of stacked weighted deltas (consumes ``weighted``).
 
     The elected sign ``e`` is + where the sum is >= 0, else -. An entry agrees
     when ``x * e > 0`` (zeros never agree), so ``relu(x * e) * e`` is its
     contribution and ``sign(relu(x * e))`` its agreement; the divisor sums the
     weights of agreeing entries (exact 0 -> 1). Float passes only: boolean masks
-    are several times slower on CPU.
+    are several times slower on CPU. A weight may be a tensor of per-entry
+    weights (several tensors merged at once, each with its own weight).
     """
     elected = weighted.sum(0).sign_().add_(0.5).sign_()
     mixed = torch.zeros_like(elected)
@@ -91,10 +92,14 @@ def _sign_consensus(weighted: torch.Tensor, weight: Sequence[float], with_diviso
         agreeing = row.mul_(elected).relu_()
         mixed.add_(agreeing)
         if with_divisor:
-            divisor.add_(agreeing.sign_(), alpha=w)
+            # agreement is 0 or 1, so the product is exact and either form adds the same float
+            if isinstance(w, torch.Tensor):
+                divisor.addcmul_(agreeing.sign_(), w)
+            else:
+                divisor.add_(agreeing.sign_(), alpha=w)
     mixed.mul_(elected)
     if with_divisor:
-        if min(weight) >= 0:
+        if all(bool((w >= 0).all()) if isinstance(w, torch.Tensor) else w >= 0 for w in weight):
             # Non-negative weights: the divisor is 0 only where nothing agrees and
             # the sum is 0 too, so any positive floor gives mixed / floor = 0.
             divisor.clamp_(min=1e-30)

@@ -74,7 +74,8 @@ class RankCut:
         return magnitude
 
 
-def _rescale_(delta: torch.Tensor, before: float, rescale: bool, how: str, density: float) -> torch.Tensor:
+def rescale_(delta: torch.Tensor, before: float, rescale: bool, how: str, density: float) -> torch.Tensor:
+    """Restore the mass a sparsifier removed: L1 norm back to ``before``, or divide by the density."""
     if rescale:
         if how == "inverse_density":
             delta.div_(density)
@@ -97,7 +98,7 @@ def _keep_ranks_(delta: torch.Tensor, k_upper: int, k_lower: int, rescale: bool,
     else:
         kept = RankCut(magnitude_, k_upper).apply_(magnitude_)
     torch.copysign(kept, flat, out=flat)
-    return _rescale_(delta, before, rescale, how, density)
+    return rescale_(delta, before, rescale, how, density)
 
 
 def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, how: str = "l1") -> torch.Tensor:
@@ -135,7 +136,7 @@ def random_drop(delta: torch.Tensor, density: float, *, rescale: bool = True, ho
     draw = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
     # 1 where draw < density, else 0, with float ops: relu(sign(density - draw))
     delta.mul_(draw.neg_().add_(density).sign_().relu_())
-    return _rescale_(delta, before, rescale, how, density)
+    return rescale_(delta, before, rescale, how, density)
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float = 0.15, *, rescale: bool = True,
@@ -157,4 +158,4 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float = 0.15, *
     if rescale and how == "inverse_density":
         rows.div_(probs)
         return delta
-    return _rescale_(delta, before, rescale, how, density)
+    return rescale_(delta, before, rescale, how, density)

@@ -1,0 +1,148 @@
+"""Task-vector merges over whole blocks of tensors: the resident merger's fast path.
+
+Export runs the task-vector kernel (``methods.generalized_task_arithmetic``)
+tensor by tensor, a dozen torch operations each. A search candidate of a small
+model is then dominated by per-operation overhead, and every candidate redoes
+the magnitude selection of TIES from scratch. Here the same arithmetic runs on
+a block of tensors laid end to end (``materialize.pool``): elementwise stages
+are one operation per block, per-tensor parameters (weights, densities,
+lambda) become per-entry vectors where they differ, and TIES cuts come from a
+``MagnitudeIndex`` built once per (base, source) pair. Every float operation is
+the one export performs on the same values, so the result is equal bit for bit
+(``tests/test_resident.py``); what cannot be vectorized without changing the
+rounding (L1 rescale sums, divisions by a per-tensor total) stays per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from evomerge.materialize.pool import Block
+from evomerge.methods import sparsify
+from evomerge.methods.generalized_task_arithmetic import sign_consensus
+from evomerge.methods.magnitude_index import MagnitudeIndex, expand
+
+#: method -> (sparsifier, sign consensus), as registered in generalized_task_arithmetic
+BLOCKWISE = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "dare_ties": ("random", True),
+    "dare_linear": ("random", False),
+}
+
+
+def per_entry(values: Sequence[float], sizes: Sequence[int], device) -> float | torch.Tensor:
+    """One value per tensor as a scalar when all are equal, else expanded to one per entry (float32)."""
+    first = values[0]
+    if all(v == first for v in values):
+        return float(first)
+    return expand(values, sizes, dtype=torch.float32, device=device)
+
+
+def deltas_of(base32: torch.Tensor, source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``source - base`` in float32, computed exactly as the export kernel does."""
+    out = torch.empty_like(base32) if out is None else out
+    return out.copy_(source).sub_(base32)
+
+
+def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:
+    """The index of ``|source - base|`` over ``block`` (both flat, on one device)."""
+    return MagnitudeIndex(deltas_of(base.float(), source).abs_(), block.sizes)
+
+
+def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
+                *, method: str, generators: Sequence[torch.Generator] | None = None,
+                indexes: Sequence[MagnitudeIndex] | None = None) -> torch.Tensor:
+    """The float32 merge of every tensor of ``block`` (flat), as export computes it tensor by tensor.
+
+    ``kwargs[s]`` are the planned kernel arguments of tensor ``s``; ``generators``
+    (DARE) are the per-tensor generators export would seed; ``indexes`` (TIES)
+    one per source.
+    """
+    sparsifier, consensus = BLOCKWISE[method]
+    sizes = block.sizes
+    device = base.device
+    base32 = base.float()
+    deltas = torch.empty((len(sources), block.numel), dtype=torch.float32, device=device)
+    weights = []
+    for i, source in enumerate(sources):
+        delta = deltas_of(base32, source, deltas[i])
+        if sparsifier is not None:
+            density = [kw["density"][i] for kw in kwargs]
+            if sparsifier == "magnitude":
+                _trim_(delta, block, density, kwargs, indexes[i])
+            else:
+                _drop_(delta, block, density, kwargs, generators)
+        weight = per_entry([kw["weight"][i] for kw in kwargs], sizes, device)
+        if not (isinstance(weight, float) and weight == 1):
+            delta.mul_(weight)
+        weights.append(weight)
+    normalize = [bool(kw["normalize"]) for kw in kwargs]
+    if consensus:
+        mixed, divisor = sign_consensus(deltas, weights, any(normalize))
+        if all(normalize):
+            mixed.div_(divisor)
+        else:
+            for (a, b), norm in zip(_spans(block), normalize):
+                if norm:
+                    mixed[a:b].div_(divisor[a:b])
+    else:
+        mixed = deltas.sum(0)
+        if any(normalize):
+            totals = [float(sum(kw["weight"])) for kw in kwargs]
+            divisor = per_entry([(1.0 if abs(t) < 1e-8 else t) if norm else 1.0
+                                 for t, norm in zip(totals, normalize)], sizes, device)
+            mixed.div_(divisor)
+    lam = per_entry([kw["lambda_"] for kw in kwargs], sizes, device)
+    if not (isinstance(lam, float) and lam == 1):
+        mixed.mul_(lam)
+    return mixed.add_(base32)
+
+
+def _spans(block: Block) -> list[tuple[int, int]]:
+    offsets = block.offsets()
+    return list(zip(offsets, offsets[1:]))
+
+
+def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, index: MagnitudeIndex) -> None:
+    """``sparsify.magnitude`` on every tensor of the block, cuts from the index."""
+    spans = _spans(block)
+    trimmed = [s for s, d in enumerate(density) if d < 1]
+    if not trimmed:
+        return
+    magnitude = delta.abs()
+    rescaled = [s for s in trimmed if kwargs[s]["rescale"]]
+    before = {s: float(magnitude[slice(*spans[s])].sum()) for s in rescaled if kwargs[s]["rescale_method"] == "l1"}
+    cuts = index.cut(magnitude, [int(d * n) if d < 1 else n for d, n in zip(density, block.sizes)])
+    for (a, b), bound, zero in zip(spans, cuts.bounds, cuts.zero):
+        if zero:
+            magnitude[a:b].zero_()
+        elif bound is not None:
+            torch.nn.functional.threshold(magnitude[a:b], bound, 0.0, inplace=True)
+    if cuts.drop.numel():
+        magnitude[cuts.drop] = 0
+    torch.copysign(magnitude, delta, out=delta)
+    for s in rescaled:
+        sparsify.rescale_(delta[slice(*spans[s])], before.get(s, 0.0), True, kwargs[s]["rescale_method"], density[s])
+
+
+def _drop_(delta: torch.Tensor, block: Block, density: list[float], kwargs, generators) -> None:
+    """``sparsify.random_drop`` on every tensor of the block, each tensor drawing from its own generator."""
+    spans = _spans(block)
+    dropped = [s for s, d in enumerate(density) if d < 1]
+    if not dropped:
+        return
+    rescaled = [s for s in dropped if kwargs[s]["rescale"]]
+    before = {s: float(delta[slice(*spans[s])].abs().sum()) for s in rescaled if kwargs[s]["rescale_method"] == "l1"}
+    draw = torch.zeros_like(delta)
+    for s in dropped:
+        a, b = spans[s]
+        torch.rand(b - a, generator=generators[s], out=draw[a:b])
+    # tensors kept whole draw 0 against density 1: a factor of exactly 1
+    keep = per_entry([d if d < 1 else 1.0 for d in density], block.sizes, delta.device)
+    delta.mul_(draw.neg_().add_(keep).sign_().relu_())
+    for s in rescaled:
+        sparsify.rescale_(delta[slice(*spans[s])], before.get(s, 0.0), True, kwargs[s]["rescale_method"], density[s])

@@ -1,0 +1,101 @@
+"""Memory plan of a resident merger: where the pool of source weights lives.
+
+Real searches merge 7B+ models, where the base, N sources, the live model and
+the merge workspace may not all fit on the device. Three placements:
+
+``device``
+    every pool tensor on the worker's device: no transfer per candidate.
+``host``
+    the pool in pinned host memory, streamed to the device block by block for
+    each candidate (CUDA only; on a CPU worker host memory is the device).
+``disk``
+    nothing held: each candidate reads its blocks from the model files
+    (the OS page cache keeps what fits).
+
+``auto`` picks the first that fits, from the models' sizes (safetensors
+headers) and the free memory, and the plan says why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from evomerge.errors import EvomergeError
+
+PLACEMENTS = ("auto", "device", "host", "disk")
+#: Share of the free memory a plan may take; the rest is head room for activations and the allocator.
+HEADROOM = 0.85
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The placement chosen for a pool and the sizes it was chosen from (bytes)."""
+
+    placement: str
+    device: str
+    pool_bytes: int
+    live_bytes: int
+    workspace_bytes: int
+    free_device: int
+    free_host: int
+    reason: str
+
+    def describe(self) -> str:
+        """One line for logs and the search display."""
+        return (f"placement {self.placement} on {self.device}: pool {_gb(self.pool_bytes)}, live model "
+                f"{_gb(self.live_bytes)}, workspace {_gb(self.workspace_bytes)}; {_gb(self.free_device)} free on "
+                f"the device, {_gb(self.free_host)} on the host ({self.reason})")
+
+
+def available_memory(device: str) -> tuple[int, int]:
+    """(free device bytes, free host bytes) now."""
+    host = _host_available()
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free), host
+    return host, host
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not stand in the way
+
+
+def plan_memory(pool_bytes: int, live_bytes: int, workspace_bytes: int, device: str, requested: str = "auto",
+                free: tuple[int, int] | None = None) -> MemoryPlan:
+    """Choose a placement (``requested`` unless ``auto``) for a pool of ``pool_bytes`` on ``device``.
+
+    ``free`` overrides the measured (device, host) free memory.
+    """
+    if requested not in PLACEMENTS:
+        raise EvomergeError(f"placement {requested!r}: choose one of {', '.join(PLACEMENTS)}")
+    free_device, free_host = free if free is not None else available_memory(device)
+    cuda = device.startswith("cuda")
+    on_device = pool_bytes + live_bytes + workspace_bytes
+    if requested == "host" and not cuda:
+        placement, reason = "device", "host memory is the device memory of a cpu worker"
+    elif requested != "auto":
+        placement, reason = requested, "as requested"
+    elif on_device <= HEADROOM * free_device:
+        placement, reason = "device", "everything fits on the device"
+    elif cuda and pool_bytes <= HEADROOM * free_host:
+        placement, reason = "host", "the pool does not fit on the device next to the live model; it fits in host memory"
+    else:
+        placement, reason = "disk", "the pool fits neither on the device nor in host memory; read per candidate"
+    return MemoryPlan(placement, device, pool_bytes, live_bytes, workspace_bytes, free_device, free_host, reason)

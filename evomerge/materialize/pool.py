@@ -1,0 +1,125 @@
+"""The resident pool: each model's tensors laid end to end in blocks, served from a placement.
+
+A block is a run of consecutive tensors of one dtype, at most ``block_numel``
+entries (a larger tensor is a block of its own). Blocks are the unit of the
+vectorized task-vector kernels (``evomerge.materialize.blockwise``: one pass
+over a block instead of a dozen small operations per tensor) and of streaming
+from host memory or disk. Per-tensor access (``tensor(name)``) returns a view
+into the block, so layer paths and the per-tensor kernels share the storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.io.model_dir import ModelDir
+
+#: Default block size in entries (16 MB of float32 workspace per model row).
+BLOCK_NUMEL = 1 << 22
+
+
+@dataclass(frozen=True)
+class Block:
+    """Consecutive tensors of one dtype: names, shapes and sizes in layout order."""
+
+    dtype: str
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def offsets(self) -> list[int]:
+        """Start of each tensor in the block, plus the end."""
+        out = [0]
+        for n in self.sizes:
+            out.append(out[-1] + n)
+        return out
+
+
+def layout(model: ModelDir, block_numel: int = BLOCK_NUMEL) -> tuple[Block, ...]:
+    """``model``'s tensors in header order, cut into blocks."""
+    blocks: list[Block] = []
+    run: list[tuple[str, tuple[int, ...], int]] = []
+    dtype = None
+
+    def close() -> None:
+        if run:
+            blocks.append(Block(dtype, *map(tuple, zip(*run))))
+            run.clear()
+
+    for name in model.names:
+        info = model.info(name)
+        n = 1
+        for d in info.shape:
+            n *= d
+        if info.dtype != dtype or (run and sum(r[2] for r in run) + n > block_numel):
+            close()
+            dtype = info.dtype
+        run.append((name, tuple(info.shape), n))
+    close()
+    return tuple(blocks)
+
+
+def model_bytes(model: ModelDir) -> int:
+    """Bytes of all of ``model``'s tensors (from the headers)."""
+    return sum(model.info(n).nbytes for n in model.names)
+
+
+class PoolModel:
+    """A pool member: a ModelDir whose tensors are served from a placement (see ``placement``)."""
+
+    def __init__(self, source: ModelDir, *, placement: str, device: str, block_numel: int = BLOCK_NUMEL) -> None:
+        self.source = source
+        self.path = source.path
+        self.config = source.config
+        self.arch = source.arch
+        self.infos = source.infos
+        self.names = source.names
+        self.num_layers = source.num_layers
+        self.placement = placement
+        self.device = device
+        self.blocks = layout(source, block_numel)
+        self._where: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        for b, block in enumerate(self.blocks):
+            for name, shape, start in zip(block.names, block.shapes, block.offsets()):
+                self._where[name] = (b, start, shape)
+        self._flat: list[torch.Tensor] | None = None
+        if placement != "disk":
+            store = device if placement == "device" else "cpu"
+            pin = placement == "host" and device.startswith("cuda")
+            self._flat = [self._read(block, store, pin) for block in self.blocks]
+
+    def _read(self, block: Block, store: str, pin: bool = False) -> torch.Tensor:
+        flat = torch.empty(block.numel, dtype=getattr(torch, block.dtype), pin_memory=pin)
+        for name, start, n in zip(block.names, block.offsets(), block.sizes):
+            flat[start:start + n].copy_(self.source.tensor(name).view(-1))
+        return flat.to(store) if store != "cpu" else flat
+
+    def info(self, name: str):
+        return self.infos[name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: a view into its resident block, or read from disk."""
+        if self._flat is None:
+            return self.source.tensor(name)
+        b, start, shape = self._where[name]
+        n = 1
+        for d in shape:
+            n *= d
+        return self._flat[b][start:start + n].view(shape)
+
+    def block(self, b: int) -> torch.Tensor:
+        """Block ``b`` on the device (a transfer or a read unless the placement is ``device``)."""
+        if self._flat is None:
+            return self._read(self.blocks[b], self.device)
+        return self._flat[b].to(self.device, non_blocking=True)  # itself when already there
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this member holds in memory (0 on disk)."""
+        return 0 if self._flat is None else sum(f.numel() * f.element_size() for f in self._flat)
