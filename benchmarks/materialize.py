@@ -1,10 +1,12 @@
 """Per-candidate materialization: resident in-place vs disk round-trip, plus one lm-eval scoring.
 
-For the small and medium LM zoos, times a few TIES candidates two ways in the
-same run: `ResidentMerger.materialize` (in place into one live model) and the
-disk round trip a search without it would do (`evomerge merge` to a temp dir,
-then `from_pretrained`). Prints seconds per candidate, the ratio and the
-effective memory traffic. On the small zoo it also times one lm-eval scoring
+For the small and medium LM zoos, times a few TIES candidates in the same run:
+`ResidentMerger.materialize` (in place into one live model; blockwise with the
+pool on the device, the per-tensor export kernels on the same pool, blockwise
+with the pool read from disk per candidate) and the disk round trip a search
+without it would do (`evomerge merge` to a temp dir, then `from_pretrained`).
+Prints seconds per candidate, ratios against the disk round trip, the
+effective memory traffic, the memory plan and the magnitude indexes' size. On the small zoo it also times one lm-eval scoring
 of a candidate and splits it into model forward time and harness overhead.
 
     python benchmarks/materialize.py [--sizes small medium] [--candidates 3]
@@ -29,24 +31,36 @@ def ties(zoo, density: float, weight: float):
     })
 
 
+def per_candidate(fn, recipes) -> float:
+    fn(recipes[0])  # warm-up (builds the magnitude indexes)
+    start = time.perf_counter()
+    for r in recipes:
+        fn(r)
+    return (time.perf_counter() - start) / len(recipes)
+
+
 def bench_size(size: str, n: int) -> None:
-    import torch
     from transformers import AutoModelForCausalLM
 
     from evomerge.materialize.export import merge_to_dir
+    from evomerge.materialize.plan import plan_merge
     from evomerge.materialize.resident import ResidentMerger
     from evomerge.zoo import build_zoo
 
     zoo = build_zoo("lm", size)
     recipes = [ties(zoo, 0.2 + 0.7 * i / max(1, n - 1), 0.5 + 0.1 * i) for i in range(n)]
+    sources = [zoo.models[t] for t in zoo.finetune_tasks]
     start = time.perf_counter()
-    merger = ResidentMerger(zoo.models["base"], [zoo.models[t] for t in zoo.finetune_tasks], device="cpu")
+    merger = ResidentMerger(zoo.models["base"], sources, device="cpu")
     setup = time.perf_counter() - start
-    merger.materialize(recipes[0])  # warm-up
-    start = time.perf_counter()
-    for r in recipes:
-        merger.materialize(r)
-    resident = (time.perf_counter() - start) / n
+    resident = per_candidate(merger.materialize, recipes)
+    # the per-tensor route (export's kernels, job by job) on the same resident pool
+    per_tensor = per_candidate(lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes)
+    streamed = ResidentMerger(zoo.models["base"], sources, device="cpu", placement="disk")
+    from_disk = per_candidate(streamed.materialize, recipes)
+    index_bytes = sum(i.nbytes for i in merger._indexes.values())
+    pool_bytes = merger.memory.pool_bytes
+    del streamed
     with tempfile.TemporaryDirectory(prefix="evomerge-bench-") as tmp:
         start = time.perf_counter()
         for i, r in enumerate(recipes):
@@ -58,13 +72,15 @@ def bench_size(size: str, n: int) -> None:
     params = sum(p.numel() for p in merger.model.parameters())
     print(f"[{size}] {params / 1e6:.1f}M params ({next(merger.model.parameters()).dtype}), "
           f"TIES of {len(zoo.finetune_tasks)}, {n} candidates; resident setup {setup:.2f} s")
-    print(f"  resident in place : {resident * 1000:8.1f} ms/candidate  ({traffic / resident / 1e9:.2f} GB/s effective)")
-    print(f"  disk round trip   : {disk * 1000:8.1f} ms/candidate")
-    print(f"  ratio             : {disk / resident:8.1f}x")
+    print(f"  {merger.memory.describe()}")
+    print(f"  magnitude indexes: {index_bytes / 1e6:.2f} MB = {100 * index_bytes / pool_bytes:.2f}% of the pool")
+    rows = [("resident, blockwise (device)", resident), ("resident, per-tensor jobs", per_tensor),
+            ("resident, blockwise (disk)", from_disk), ("disk round trip", disk)]
+    for label, seconds in rows:
+        print(f"  {label:30s}: {seconds * 1000:8.1f} ms/candidate  {disk / seconds:6.1f}x vs disk round trip"
+              f"  ({traffic / seconds / 1e9:.2f} GB/s effective)")
     if size == "small":
         bench_eval(zoo, merger)
-    del merger
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def bench_eval(zoo, merger) -> None:

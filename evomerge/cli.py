@@ -243,7 +243,7 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
                    description=f"best {best} · {p.evals_per_min:.1f} evals/min · failed {p.failed}"
                    + (f" · screened {p.screened}" if p.screened else ""))
         states = "  ".join(f"w{w}: {s}" for w, s in sorted(p.workers.items()))
-        live.update(Group(bar, f"[dim]{states}[/]"))
+        live.update(Group(bar, f"[dim]{states}[/]", *([f"[dim]{p.memory}[/]"] if p.memory else [])))
 
     factory = _make_executor(workers, address, local)
 

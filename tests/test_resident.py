@@ -83,3 +83,55 @@ def test_bad_candidates_are_typed_errors_and_the_merger_survives(tiny_zoo, merge
     want = exported(good, tmp_path, "after")
     state = merger.materialize(good).state_dict()
     assert all(torch.equal(state[n], t) for n, t in want.items())
+
+
+def task_vector_candidates(zoo):
+    """Candidates of the blockwise route, with per-tensor parameters that differ across each block."""
+    m = {k: str(v) for k, v in zoo.models.items()}
+    fts = zoo.finetune_tasks
+    each = lambda params: [{"model": m[t], "parameters": params} for t in fts]  # noqa: E731
+    base = m["base"]
+    return [
+        {"merge_method": "task_arithmetic", "base_model": base, "models": each({"weight": [0.1, 0.9]}),
+         "parameters": {"lambda": [{"filter": "self_attn", "value": 1.5}, {"value": 1.0}], "normalize": True}},
+        {"merge_method": "ties", "base_model": base, "models": each(
+            {"weight": [{"filter": "mlp", "value": -0.4}, {"value": 1.0}], "density": [1.0, 0.05]})},
+        {"merge_method": "ties", "base_model": base, "parameters": {"normalize": [{"filter": "mlp", "value": False}, {"value": True}], "rescale": True},
+         "models": each({"weight": 0.8, "density": [0.3, 0.6]})},
+        {"merge_method": "dare_ties", "base_model": base, "models": each({"weight": 0.9, "density": [0.2, 1.0]}),
+         "parameters": {"rescale_method": "inverse_density"}, "random_seed": 5},
+        {"merge_method": "dare_linear", "base_model": base, "models": each({"weight": 0.5, "density": 0.6}),
+         "random_seed": 3},
+    ]
+
+
+@pytest.mark.parametrize("placement,block_numel", [("device", 1 << 22), ("disk", 3000)])
+def test_blockwise_route_equals_export_for_every_placement_and_block_size(tiny_zoo, tmp_path, monkeypatch,
+                                                                        placement, block_numel):
+    from evomerge.materialize import resident
+
+    routed = []
+    real = resident.merge_block
+    monkeypatch.setattr(resident, "merge_block", lambda *a, **k: routed.append(k["method"]) or real(*a, **k))
+    m = tiny_zoo.models
+    merger = ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu",
+                            placement=placement, block_numel=block_numel)
+    assert merger.memory.placement == placement and placement in merger.memory.describe()
+    blocks = merger.pool[str(m["base"])].blocks
+    assert len(blocks) == 1 if block_numel > 1 << 20 else len(blocks) > 4
+    assert (merger.pool[str(m["base"])].nbytes == 0) == (placement == "disk")
+    recipes = [Recipe.model_validate(c) for c in task_vector_candidates(tiny_zoo)]
+    expected = [exported(r, tmp_path, f"c{i}") for i, r in enumerate(recipes)]
+    for _ in range(2):
+        for recipe, want in zip(recipes, expected):
+            state = merger.materialize(recipe).state_dict()
+            for name, tensor in want.items():
+                assert torch.equal(state[name], tensor), (recipe.merge_method, name)
+    assert set(routed) == {"task_arithmetic", "ties", "dare_ties", "dare_linear"}
+    assert len(routed) == 2 * len(recipes) * len(blocks)
+    # a dtype conversion before the arithmetic is not what the magnitude index was built from: per-tensor route
+    routed.clear()
+    converted = Recipe.model_validate({**task_vector_candidates(tiny_zoo)[1], "dtype": "bfloat16"})
+    want = exported(converted, tmp_path, "bf16")
+    state = merger.materialize(converted).state_dict()
+    assert not routed and all(torch.equal(state[n], t) for n, t in want.items())

@@ -54,6 +54,8 @@ class RunProgress:
     screened: int = 0
     #: wall seconds of this session's loop, from workers ready to the last result
     loop_seconds: float = 0.0
+    #: the first worker's memory plan (where its pool of source weights lives, and why)
+    memory: str = ""
 
     @property
     def evals_per_min(self) -> float:
@@ -218,6 +220,7 @@ class Runner:
             infos = executor.start()
             self.progress.session_start = time.monotonic()  # rates count evaluation time, not start-up
             self.progress.workers = {i["worker"]: f"idle ({i['device']})" for i in infos}
+            self.progress.memory = infos[0].get("memory", "") if infos else ""
             self.on_event(self.progress)
             if self.space.surrogate is None:
                 self._loop(executor, budget)

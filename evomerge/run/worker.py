@@ -53,7 +53,7 @@ class EvalWorker:
         libraries = time.perf_counter()
         space_obj = SearchSpace.model_validate(space)
         self.merger = ResidentMerger(space_obj.models.base, list(space_obj.models.sources), device=device,
-                                     threads=threads or torch.get_num_threads())
+                                     threads=threads or torch.get_num_threads(), placement=space_obj.placement)
         self.tokenizer = load_tokenizer(space_obj.models.base)
         models = time.perf_counter()
         self.evaluators = {"full": [build_evaluator(spec) for spec in space_obj.objective.evaluators]}
@@ -68,8 +68,9 @@ class EvalWorker:
                         "evaluators": time.perf_counter() - models}
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs (shown in the progress display) and its start-up seconds by stage."""
-        return {"worker": self.worker_id, "pid": self.pid, "device": self.merger.device, "startup": self.startup}
+        """Where this worker runs and its memory plan (shown at start), its start-up seconds by stage."""
+        return {"worker": self.worker_id, "pid": self.pid, "device": self.merger.device, "startup": self.startup,
+                "memory": self.merger.memory.describe()}
 
     def evaluate(self, candidate_id: int, recipe: dict[str, Any], mode: str = "full") -> dict[str, Any]:
         """Materialize and score one candidate; never raises for a bad candidate.

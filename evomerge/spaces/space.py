@@ -88,6 +88,9 @@ class SearchSpace(_Strict):
     seed: int = 0
     #: where workers merge and evaluate: cuda when the cluster has GPUs, else cpu (default: auto).
     device: Literal["cpu", "cuda"] | None = None
+    #: where each worker keeps the source weights (see ``evomerge.materialize.placement``): auto picks
+    #: device, host (pinned, streamed per block) or disk from the model sizes and free memory
+    placement: Literal["auto", "device", "host", "disk"] = "auto"
 
     @classmethod
     def from_file(cls, path: str | Path) -> SearchSpace:
