@@ -12,7 +12,8 @@ population 12. For each zoo size it prints:
 * the search loop with Ray workers: wall seconds per candidate, the workers'
   own seconds, and loop overhead (the rest: Ray hand-off, optimizer ask/tell,
   journal and optimizer-state writes), candidates per minute with 1 and 2
-  workers (one intra-op thread each) and with 1 worker at the default threads;
+  workers (one intra-op thread each) and with 1 worker at the default threads,
+  on the 32-item task and on all 200 items (model compute limits);
 * start-up to the first candidate in a fresh process (imports, run set-up, Ray
   start, worker start split into libraries / models / evaluators, first
   candidate), with Ray and with the in-process executor (``--local``).
@@ -20,7 +21,7 @@ population 12. For each zoo size it prints:
 Targets: <= 0.1 s per candidate on tiny, start-up <= 10 s, 2 workers >= 1.8x
 one worker when model compute limits (needs two free cores).
 
-    python benchmarks/throughput.py [--sizes tiny,small] [--budget 48] [--candidates 12]
+    python benchmarks/throughput.py [--sizes tiny,small] [--budget 96] [--candidates 12]
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from pathlib import Path
 
 TASK = "zoo_rev_choice_val"
 ITEMS = 32
+#: every validation item of the task: per candidate the forward passes dominate (the 1 vs 2 workers target)
+COMPUTE_ITEMS = 200
 
 
-def space_for(zoo, *, budget: int, workers: int, name: str = "throughput"):
-    """The benchmark's search space on ``zoo``: TIES, 2 layer groups, one two-choice task of 32 items."""
+def space_for(zoo, *, budget: int, workers: int, name: str = "throughput", items: int = ITEMS):
+    """The benchmark's search space on ``zoo``: TIES, 2 layer groups, one two-choice task of ``items`` items."""
     from evomerge.spaces.space import SearchSpace
 
     return SearchSpace.model_validate({
@@ -51,7 +54,7 @@ def space_for(zoo, *, budget: int, workers: int, name: str = "throughput"):
         "genome": {"type": "parameter", "method": "ties", "layer_groups": 2,
                    "genes": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}, "parameters": {"normalize": False}},
         "objective": {"evaluators": [{"type": "lm_eval", "include_path": str(zoo.tasks_dir), "tasks": [TASK],
-                                      "limit": ITEMS, "batch_size": 2 * ITEMS}],
+                                      "limit": items, "batch_size": min(2 * items, 64)}],
                       "fitness": [{"name": "acc", "direction": "maximize", "metrics": [f"{TASK}/acc"]}]},
         "optimizer": {"name": "cmaes", "settings": {"popsize": 12}},
         "budget": budget, "workers": workers, "seed": 0,
@@ -118,13 +121,13 @@ def _task_manager(zoo):
     return TaskManager(include_path=str(zoo.tasks_dir), include_defaults=False)
 
 
-def search_loop(size: str, workers: int, budget: int, threads: int | None) -> dict[str, float]:
+def search_loop(size: str, workers: int, budget: int, threads: int | None, items: int = ITEMS) -> dict[str, float]:
     """A real search with Ray workers: wall seconds per candidate, worker seconds, candidates per minute."""
     from evomerge.run.executor import RayExecutor
     from evomerge.run.rundir import RunDir
     from evomerge.run.runner import Runner
 
-    space = space_for(zoo_of(size), budget=budget, workers=workers)
+    space = space_for(zoo_of(size), budget=budget, workers=workers, items=items)
     run = RunDir.create(Path(tempfile.mkdtemp(prefix="evomerge-throughput-")) / "run", space)
     progress = Runner(run, lambda s: RayExecutor(s.model_dump(mode="json"), workers, threads=threads)).run()
     seconds = [e.seconds for e in run.journal()]
@@ -185,7 +188,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,small")
-    parser.add_argument("--budget", type=int, default=48, help="candidates per search-loop run")
+    parser.add_argument("--budget", type=int, default=96, help="candidates per search-loop run")
     parser.add_argument("--candidates", type=int, default=12, help="candidates for the in-process split")
     parser.add_argument("--startup-child", help=argparse.SUPPRESS)
     parser.add_argument("--local", action="store_true", help=argparse.SUPPRESS)
@@ -209,16 +212,20 @@ def main() -> None:
             print(f"  {label:<33} {split[name]:.4f} s   {base / split[name]:5.1f}x vs simple_evaluate")
         print(f"  worker.evaluate (both + checks)   {split['worker.evaluate']:.4f} s")
 
-        loops = {}
-        for label, workers, threads in (("1 worker, 1 thread", 1, 1), ("2 workers, 1 thread each", 2, 1),
-                                        ("1 worker, default threads", 1, None)):
-            loops[label] = search_loop(size, workers, args.budget, threads)
-        one = loops["1 worker, 1 thread"]["per_min"]
-        print(f"search loop with Ray ({args.budget} candidates each):")
-        print(f"  {'':<26} {'wall/cand':>10} {'worker/cand':>12} {'overhead':>9} {'cand/min':>9} {'vs 1 worker':>12}")
-        for label, r in loops.items():
-            print(f"  {label:<26} {r['wall']:>8.4f} s {r['worker']:>10.4f} s {r['overhead']:>7.4f} s "
-                  f"{r['per_min']:>9.0f} {r['per_min'] / one:>11.2f}x")
+        # the tiny zoo's tasks have 32 validation items: no compute-bound setting there
+        for items in (ITEMS,) if size == "tiny" else (ITEMS, COMPUTE_ITEMS):
+            loops = {}
+            for label, workers, threads in (("1 worker, 1 thread", 1, 1), ("2 workers, 1 thread each", 2, 1),
+                                            ("1 worker, default threads", 1, None)):
+                loops[label] = search_loop(size, workers, args.budget, threads, items)
+            one = loops["1 worker, 1 thread"]["per_min"]
+            print(f"search loop with Ray ({args.budget} candidates each, {items} items per candidate"
+                  + (", model compute limits" if items == COMPUTE_ITEMS else "") + "):")
+            print(f"  {'':<26} {'wall/cand':>10} {'worker/cand':>12} {'overhead':>9} {'cand/min':>9} "
+                  f"{'vs 1 worker':>12}")
+            for label, r in loops.items():
+                print(f"  {label:<26} {r['wall']:>8.4f} s {r['worker']:>10.4f} s {r['overhead']:>7.4f} s "
+                      f"{r['per_min']:>9.0f} {r['per_min'] / one:>11.2f}x")
 
         for local in (False, True):
             s = startup(size, local)
