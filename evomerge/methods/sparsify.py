@@ -35,6 +35,7 @@ class RankCut:
     def __init__(self, magnitude: torch.Tensor, k: int) -> None:
         self.keep_all = k >= magnitude.numel()
         self.value = None
+        self._tied = None  # indices of the entries equal to the cut, where the radix pass found them
         if self.keep_all or k <= 0:
             return
         if magnitude.numel() < SMALL:
@@ -49,11 +50,16 @@ class RankCut:
         i = int(torch.searchsorted(ge, torch.tensor(k, dtype=ge.dtype, device=ge.device)))
         bucket = (1 << 16) - 1 - i
         above = int(ge[i - 1]) if i > 0 else 0
-        low_hist = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=1 << 16)
-        ge_low = low_hist.flip(0).cumsum(0)
+        # the bucket's members (indices kept: entries tied at the cut are among them)
+        members = (high == bucket).nonzero().squeeze(1)
+        low = bits[members] & 0xFFFF
+        ge_low = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0)
         j = int(torch.searchsorted(ge_low, torch.tensor(k - above, dtype=ge_low.dtype, device=ge_low.device)))
-        cut = torch.tensor([(bucket << 16) | ((1 << 16) - 1 - j)], dtype=torch.int32).view(torch.float32)
+        cut_low = (1 << 16) - 1 - j
+        cut = torch.tensor([(bucket << 16) | cut_low], dtype=torch.int32).view(torch.float32)
         self._finish(cut, above + int(ge_low[j]), k)
+        if self.surplus > 0:
+            self._tied = members[low == cut_low]
 
     def _finish(self, cut: torch.Tensor, at_least: int, k: int) -> None:
         self.value = cut.item()
@@ -69,7 +75,7 @@ class RankCut:
             return magnitude.zero_()
         torch.nn.functional.threshold(magnitude, self.bound, 0.0, inplace=True)
         if self.surplus > 0:
-            tied = torch.nonzero(magnitude == self.value).squeeze(1)
+            tied = self._tied if self._tied is not None else torch.nonzero(magnitude == self.value).squeeze(1)
             magnitude[tied[tied.numel() - self.surplus :]] = 0
         return magnitude
 
