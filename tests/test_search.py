@@ -82,6 +82,14 @@ def test_resume_with_a_larger_budget_continues(tiny_zoo, tmp_path, reference_run
     assert comparable(run.journal()) == comparable(reference_run[0].journal())
 
 
+def test_placement_of_the_pool_is_reported_and_changes_no_result(tiny_zoo, tmp_path, reference_run):
+    run = start(tiny_space(tiny_zoo, tmp_path, budget=8, placement="disk"), tmp_path / "run")
+    progress = Runner(run, local).run()
+    assert progress.memory.startswith("placement disk on cpu") and "as requested" in progress.memory
+    assert reference_run[1].memory.startswith("placement device on cpu")
+    assert comparable(run.journal()) == comparable(reference_run[0].journal())
+
+
 def test_failed_candidates_are_journaled_and_the_search_goes_on(tiny_zoo, tmp_path):
     plugin = tmp_path / "flaky.py"
     plugin.write_text(

@@ -1,14 +1,20 @@
 """ResidentMerger: turn each search candidate into a live model, in place, without disk.
 
 Built once per worker: the live ``transformers`` model is loaded from the base
-directory and every tensor of the pool's models is read once into memory on
-the worker's device. ``materialize(recipe)`` then takes one of two routes.
+directory and the pool's models are laid out in blocks (``materialize.pool``)
+where the memory plan puts them (``materialize.placement``: on the worker's
+device by default; pinned host memory or the model files when they do not
+fit). ``materialize(recipe)`` then takes one of two routes.
 
 Parameter-space candidates (every recipe but a layer path) are planned against
-the pool, run through the very kernels export runs (so the result equals
-`evomerge merge` bit for bit, DARE included for the same seed) and copied into
-the live model's parameters in place: no model construction, no allocation of
-a second model, no file I/O per candidate.
+the pool, computed with export's arithmetic (so the result equals `evomerge
+merge` bit for bit, DARE included for the same seed) and copied into the live
+model's parameters in place: no model construction, no allocation of a second
+model, no file I/O per candidate unless the pool is placed on disk. The
+task-vector family (task_arithmetic, ties, dare_ties, dare_linear) over models
+sharing one tensor layout runs blockwise (``materialize.blockwise``: whole
+blocks of tensors per operation, TIES cuts from magnitude indexes built on
+first use per (base, source) pair); other methods run export's per-tensor jobs.
 
 Data-flow candidates (``passthrough`` + ``slices``; see
 ``evomerge.materialize.layer_path``) are built from references, not weights.
@@ -43,17 +49,9 @@ the cache and masks but the source layer for the module; ``output_hidden_states`
 and ``output_attentions`` are not supported (transformers installs its capture
 hooks once, on whichever layers are in place then).
 
-Parameter-space candidates of the task-vector family (task_arithmetic, ties,
-dare_ties, dare_linear) whose models share one tensor layout take the
-blockwise route (``evomerge.materialize.blockwise``): the same arithmetic on
-blocks of tensors at once, TIES cuts from magnitude indexes built on first use
-per (base, source) pair. Other methods run the export jobs tensor by tensor.
-
-Where the pool lives follows a memory plan (``evomerge.materialize.placement``):
-all on the device, in pinned host memory streamed per block, or read from the
-model files per candidate; chosen from the sizes and free memory unless forced,
-and reported in ``memory``. With a streamed placement, layer-path layers are
-copied to the device the first time a path uses them.
+The memory plan is chosen from the sizes and free memory unless forced and is
+reported in ``memory``. With the pool in host memory or on disk, layer-path
+layers are copied to the device the first time a path uses them.
 """
 
 from __future__ import annotations
