@@ -7,13 +7,14 @@ is reported):
 * best grid merge: TIES and DARE-TIES, one shared weight in {0.3, 0.5, 0.7, 1.0}
   x density in {0.3, 0.5, 0.7} (24 merges), picked on validation;
 * evolved parameter-space search (the `zoo-small-ties` preset: per-model weight
-  and density) with CMA-ES and TPE, and random search, with equal budgets
-  (48 evaluations each by default), over 3 seeds (mean and spread reported).
+  and density, here per 2 layer groups by default: 12 genes) with CMA-ES and
+  TPE, and random search, with equal budgets (96 evaluations each by
+  default), over 3 seeds (mean and spread reported).
 
 Target: evolved search beats the best source and the best grid merge on the
 test average.
 
-    python benchmarks/search_quality.py [--budget 48] [--seeds 0,1,2]
+    python benchmarks/search_quality.py [--budget 96] [--layer-groups 2] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ PRESET = REPO / "search_spaces" / "zoo-small-ties.yaml"
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-candidate bars would drown the table
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, default=48)
+    parser.add_argument("--budget", type=int, default=96)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--optimizers", default="cmaes,tpe,random")
-    parser.add_argument("--layer-groups", type=int, default=None,
-                        help="override the preset's layer_groups (per-layer-group weight/density genes)")
+    parser.add_argument("--layer-groups", type=int, default=2,
+                        help="layer groups of the evolved genome (the preset has 1: 6 genes; 2: 12 genes)")
     args = parser.parse_args()
 
     from evomerge.evaluation.registry import build_evaluator
