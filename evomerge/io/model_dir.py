@@ -166,6 +166,19 @@ class ModelDir:
         info = self.info(name)
         if self._pickle:
             return self._pickled[name].clone()  # the loaded state is memory-mapped and shared
+        out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        return self.read_into(name, out)
+
+    def read_into(self, name: str, out):
+        """Read tensor ``name`` into the contiguous CPU tensor ``out`` (same dtype and size) and return it.
+
+        Positional reads straight into ``out``'s memory: no intermediate buffer.
+        """
+        import torch
+
+        info = self.info(name)
+        if self._pickle:
+            return out.view(-1).copy_(self._pickled[name].view(-1)).view(out.shape)
         fd = self._fds.get(info.file)
         if fd is None:
             with self._lock:
@@ -173,17 +186,15 @@ class ModelDir:
                 if fd is None:
                     fd = os.open(self.path / info.file, os.O_RDONLY)
                     self._fds[info.file] = fd
-        buf = bytearray(info.nbytes)
-        view, offset = memoryview(buf), info.offset
+        if not info.nbytes:
+            return out
+        view, offset = memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset
         while view.nbytes:
             got = os.preadv(fd, [view], offset)
             if got == 0:
                 raise EvomergeError(f"{self.path / info.file}: unexpected end of file reading tensor {name!r}")
             view, offset = view[got:], offset + got
-        dtype = getattr(torch, info.dtype)
-        if not buf:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).view(info.shape)
+        return out
 
     def close(self) -> None:
         """Close the open shard files."""

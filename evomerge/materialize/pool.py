@@ -97,7 +97,7 @@ class PoolModel:
     def _read(self, block: Block, store: str, pin: bool = False) -> torch.Tensor:
         flat = torch.empty(block.numel, dtype=getattr(torch, block.dtype), pin_memory=pin)
         for name, start, n in zip(block.names, block.offsets(), block.sizes):
-            flat[start:start + n].copy_(self.source.tensor(name).view(-1))
+            self.source.read_into(name, flat[start:start + n])
         return flat.to(store) if store != "cpu" else flat
 
     def info(self, name: str):
