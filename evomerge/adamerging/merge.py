@@ -113,8 +113,6 @@ def _groups(names: list[str], arch, granularity: str) -> tuple[list[str], dict[s
                     for n in names}
 
 
-
-
 def _weight_value(row: torch.Tensor, groups: list[str], granularity: str, heads: list[str]):
     """One source's ``weight`` parameter: a scalar, or a ``{filter, value}`` list."""
     values = [round(float(v), 6) for v in row]

@@ -7,6 +7,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.objective import TEST_PATH
 
 EVALUATORS: dict[str, type[Evaluator]] = {}
 
@@ -30,7 +31,7 @@ def build_evaluator(spec: dict[str, Any]) -> Evaluator:
     spec = dict(spec)
     kind = spec.pop("type", None)
     prefix = spec.pop("name", None)
-    spec.pop("test_path", None)  # read by Objective.for_split when a report switches to the test split
+    spec.pop(TEST_PATH, None)  # read by Objective.for_split when a report switches to the test split
     if kind not in EVALUATORS:
         raise EvomergeError(f"unknown evaluator {kind!r}; known: {', '.join(sorted(EVALUATORS))}")
     cls = EVALUATORS[kind]

@@ -86,7 +86,7 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
         if all(normalize):
             mixed.div_(divisor)
         else:
-            for (a, b), norm in zip(_spans(block), normalize):
+            for (a, b), norm in zip(block.spans, normalize):
                 if norm:
                     mixed[a:b].div_(divisor[a:b])
     else:
@@ -102,14 +102,9 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
     return mixed.add_(base32)
 
 
-def _spans(block: Block) -> list[tuple[int, int]]:
-    offsets = block.offsets()
-    return list(zip(offsets, offsets[1:]))
-
-
 def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, index: MagnitudeIndex) -> None:
     """``sparsify.magnitude`` on every tensor of the block, cuts from the index."""
-    spans = _spans(block)
+    spans = block.spans
     trimmed = [s for s, d in enumerate(density) if d < 1]
     if not trimmed:
         return
@@ -131,7 +126,7 @@ def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, inde
 
 def _drop_(delta: torch.Tensor, block: Block, density: list[float], kwargs, generators) -> None:
     """``sparsify.random_drop`` on every tensor of the block, each tensor drawing from its own generator."""
-    spans = _spans(block)
+    spans = block.spans
     dropped = [s for s, d in enumerate(density) if d < 1]
     if not dropped:
         return

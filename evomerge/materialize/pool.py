@@ -10,6 +10,8 @@ into the block, so layer paths and the per-tensor kernels share the storage.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +35,15 @@ class Block:
     def numel(self) -> int:
         return sum(self.sizes)
 
-    def offsets(self) -> list[int]:
-        """Start of each tensor in the block, plus the end."""
-        out = [0]
-        for n in self.sizes:
-            out.append(out[-1] + n)
-        return out
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each tensor in the block, plus the end (computed once: candidates use it every time)."""
+        return tuple(itertools.accumulate(self.sizes, initial=0))
+
+    @functools.cached_property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """(start, end) of each tensor in the block."""
+        return tuple(itertools.pairwise(self.offsets))
 
 
 def layout(model: ModelDir, block_numel: int = BLOCK_NUMEL) -> tuple[Block, ...]:
@@ -86,7 +91,7 @@ class PoolModel:
         self.blocks = layout(source, block_numel)
         self._where: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         for b, block in enumerate(self.blocks):
-            for name, shape, start in zip(block.names, block.shapes, block.offsets()):
+            for name, shape, start in zip(block.names, block.shapes, block.offsets):
                 self._where[name] = (b, start, shape)
         self._flat: list[torch.Tensor] | None = None
         if placement != "disk":
@@ -96,7 +101,7 @@ class PoolModel:
 
     def _read(self, block: Block, store: str, pin: bool = False) -> torch.Tensor:
         flat = torch.empty(block.numel, dtype=getattr(torch, block.dtype), pin_memory=pin)
-        for name, start, n in zip(block.names, block.offsets(), block.sizes):
+        for name, start, n in zip(block.names, block.offsets, block.sizes):
             self.source.read_into(name, flat[start:start + n])
         return flat.to(store) if store != "cpu" else flat
 

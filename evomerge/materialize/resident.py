@@ -240,11 +240,10 @@ class ResidentMerger:
             # export's casts: the kernel returns the base's dtype, the job casts to its own
             out = out.to(getattr(torch, block.dtype)).to(getattr(torch, jobs[block.names[0]].dtype))
             if not _all_finite(out):
-                offsets = block.offsets()
-                bad = next(name for name, a, z in zip(block.names, offsets, offsets[1:])
+                bad = next(name for name, (a, z) in zip(block.names, block.spans)
                            if not bool(torch.isfinite(out[a:z]).all()))
                 raise MaterializeError(f"candidate tensor {bad} has NaN or Inf values")
-            for name, shape, a, n in zip(block.names, block.shapes, block.offsets(), block.sizes):
+            for name, shape, a, n in zip(block.names, block.shapes, block.offsets, block.sizes):
                 self._targets[name].copy_(out[a:a + n].view(shape))
         return True
 
