@@ -9,7 +9,7 @@ Prints seconds per candidate, ratios against the disk round trip, the
 effective memory traffic, the memory plan and the magnitude indexes' size. On the small zoo it also times one lm-eval scoring
 of a candidate and splits it into model forward time and harness overhead.
 
-    python benchmarks/materialize.py [--sizes small medium] [--candidates 3]
+    python benchmarks/materialize.py [--sizes small medium] [--candidates 3] [--device cuda] [--no-eval]
 """
 
 from __future__ import annotations
@@ -31,15 +31,25 @@ def ties(zoo, density: float, weight: float):
     })
 
 
-def per_candidate(fn, recipes) -> float:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued kernels, so a timer stops when the work is done, not when it is queued."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def per_candidate(fn, recipes, device: str) -> float:
     fn(recipes[0])  # warm-up (builds the magnitude indexes)
+    synchronize(device)
     start = time.perf_counter()
     for r in recipes:
         fn(r)
+    synchronize(device)
     return (time.perf_counter() - start) / len(recipes)
 
 
-def bench_size(size: str, n: int) -> None:
+def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from evomerge.materialize.export import merge_to_dir
@@ -51,35 +61,39 @@ def bench_size(size: str, n: int) -> None:
     recipes = [ties(zoo, 0.2 + 0.7 * i / max(1, n - 1), 0.5 + 0.1 * i) for i in range(n)]
     sources = [zoo.models[t] for t in zoo.finetune_tasks]
     start = time.perf_counter()
-    merger = ResidentMerger(zoo.models["base"], sources, device="cpu")
+    merger = ResidentMerger(zoo.models["base"], sources, device=device)
+    synchronize(device)
     setup = time.perf_counter() - start
-    resident = per_candidate(merger.materialize, recipes)
-    # the per-tensor route (export's kernels, job by job) on the same resident pool
-    per_tensor = per_candidate(lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes)
-    streamed = ResidentMerger(zoo.models["base"], sources, device="cpu", placement="disk")
-    from_disk = per_candidate(streamed.materialize, recipes)
+    rows = [("resident, blockwise (device)", per_candidate(merger.materialize, recipes, device)),
+            # the per-tensor route (export's kernels, job by job) on the same resident pool
+            ("resident, per-tensor jobs", per_candidate(
+                lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes, device))]
+    # the other placements a model too large for the device would get (host memory is the device on a CPU)
+    for placement in (["host"] if device.startswith("cuda") else []) + ["disk"]:
+        streamed = ResidentMerger(zoo.models["base"], sources, device=device, placement=placement)
+        rows.append((f"resident, blockwise ({placement})", per_candidate(streamed.materialize, recipes, device)))
+        del streamed
     index_bytes = sum(i.nbytes for i in merger._indexes.values())
     pool_bytes = merger.memory.pool_bytes
-    del streamed
     with tempfile.TemporaryDirectory(prefix="evomerge-bench-") as tmp:
         start = time.perf_counter()
         for i, r in enumerate(recipes):
-            out = merge_to_dir(r, Path(tmp) / f"c{i}")
-            AutoModelForCausalLM.from_pretrained(str(out))
+            out = merge_to_dir(r, Path(tmp) / f"c{i}", device=device)
+            AutoModelForCausalLM.from_pretrained(str(out)).to(device)
+        synchronize(device)
         disk = (time.perf_counter() - start) / n
+    rows.append(("disk round trip", disk))
     model_bytes = sum(p.numel() * p.element_size() for p in merger.model.parameters())
     traffic = model_bytes * (len(zoo.finetune_tasks) + 2)  # read base + sources, write the live model
     params = sum(p.numel() for p in merger.model.parameters())
     print(f"[{size}] {params / 1e6:.1f}M params ({next(merger.model.parameters()).dtype}), "
-          f"TIES of {len(zoo.finetune_tasks)}, {n} candidates; resident setup {setup:.2f} s")
+          f"TIES of {len(zoo.finetune_tasks)}, {n} candidates on {device}; resident setup {setup:.2f} s")
     print(f"  {merger.memory.describe()}")
     print(f"  magnitude indexes: {index_bytes / 1e6:.2f} MB = {100 * index_bytes / pool_bytes:.2f}% of the pool")
-    rows = [("resident, blockwise (device)", resident), ("resident, per-tensor jobs", per_tensor),
-            ("resident, blockwise (disk)", from_disk), ("disk round trip", disk)]
     for label, seconds in rows:
         print(f"  {label:30s}: {seconds * 1000:8.1f} ms/candidate  {disk / seconds:6.1f}x vs disk round trip"
               f"  ({traffic / seconds / 1e9:.2f} GB/s effective)")
-    if size == "small":
+    if size == "small" and evaluate:
         bench_eval(zoo, merger)
 
 
@@ -127,10 +141,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"])
     parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--device", default=None, help="cuda when a GPU is present, else cpu")
+    parser.add_argument("--no-eval", action="store_true", help="skip the lm-eval scoring on the small zoo")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for size in args.sizes:
-        bench_size(size, args.candidates)
+        bench_size(size, args.candidates, device, evaluate=not args.no_eval)
 
 
 if __name__ == "__main__":

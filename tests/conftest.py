@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+#: Devices the device-dependent tests run on: the CPU always, CUDA too where a GPU is present
+#: (CI has none; a GPU machine runs the same tests on both).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request):
+    """The device a module's resident merger lives on."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_resident import candidates, exported
+from test_resident import assert_state_equals, candidates, exported
 
 from evomerge.arch import FAMILIES
 from evomerge.materialize.export import merge_to_dir
@@ -29,9 +29,9 @@ def zoo_paths(zoo):
 
 
 @pytest.fixture(scope="module")
-def merger(tiny_zoo):
+def merger(tiny_zoo, device):
     m = tiny_zoo.models
-    return ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu")
+    return ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device=device)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,17 @@ def eps0_merger(eps0_zoo):
 
 
 def logits(model, ids=IDS):
+    """The model's logits for ``ids``, as a CPU tensor whatever device the model is on."""
     with torch.no_grad():
-        return model(ids).logits
+        return model(ids.to(model.device)).logits.cpu()
 
 
-def export_logits(recipe, tmp_path, name):
+def export_logits(recipe, tmp_path, name, device="cpu"):
+    """Logits of ``recipe`` exported by `evomerge merge` and loaded on ``device``, as the live model would be."""
     from transformers import AutoModelForCausalLM
 
-    out = merge_to_dir(recipe, tmp_path / name)
-    return logits(AutoModelForCausalLM.from_pretrained(out).eval())
+    out = merge_to_dir(recipe, tmp_path / name, device=device)
+    return logits(AutoModelForCausalLM.from_pretrained(out).eval().to(device))
 
 
 def sakana_logits(steps, scales, ids=IDS):
@@ -151,13 +153,13 @@ def test_path_matches_export_within_norm_eps_on_the_zoo(tiny_zoo, merger, tmp_pa
     steps = path_steps(zoo_paths(tiny_zoo))
     recipe = path_recipe(steps, SCALES, arch=LLAMA)
     live = logits(merger.materialize(recipe))
-    right = rel(live, export_logits(recipe, tmp_path, "right"))
-    wrong = rel(live, export_logits(wrong_folding(recipe, SCALES), tmp_path, "wrong"))
+    right = rel(live, export_logits(recipe, tmp_path, "right", merger.device))
+    wrong = rel(live, export_logits(wrong_folding(recipe, SCALES), tmp_path, "wrong", merger.device))
     assert right < 3e-3 and wrong > 10 * right
     assert rel(live, sakana_logits(steps, SCALES)) < 1e-5
     # unit scales: nothing to fold, so the path is export exactly (same modules, same arithmetic)
     plain = path_recipe(steps, [1.0] * 4, arch=LLAMA)
-    assert torch.equal(logits(merger.materialize(plain)), export_logits(plain, tmp_path, "plain"))
+    assert torch.equal(logits(merger.materialize(plain)), export_logits(plain, tmp_path, "plain", merger.device))
 
 
 def test_path_sets_layer_count_and_generates_with_cache(tiny_zoo, merger):
@@ -168,8 +170,9 @@ def test_path_sets_layer_count_and_generates_with_cache(tiny_zoo, merger):
     assert live.config.num_hidden_layers == 5 and len(live.model.layers) == 5
     assert live.model.layers[0].layer is live.model.layers[2].layer  # one module, two positions
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    cached = live.generate(IDS, **kw)
-    uncached = live.generate(IDS, use_cache=False, **kw)
+    ids = IDS.to(live.device)
+    cached = live.generate(ids, **kw)
+    uncached = live.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, uncached.sequences) and cached.sequences.shape[1] == IDS.shape[1] + 6
     # the scores, not just the argmax: a shared layer_idx would mix the repeated layer's keys (off by ~0.5)
     for a, b in zip(cached.scores, uncached.scores):
@@ -193,18 +196,17 @@ def test_path_layers_reference_pool_tensors(tiny_zoo, merger):
 def test_parameter_space_after_path_is_bit_exact(tiny_zoo, merger, tmp_path):
     m = zoo_paths(tiny_zoo)
     good = Recipe.model_validate(candidates(tiny_zoo)[1])  # task_arithmetic
-    want = exported(good, tmp_path, "ta")
+    want = exported(good, tmp_path, "ta", merger.device)
     own = merger.materialize(good).model.layers
     path = path_recipe(path_steps(m), SCALES, arch=LLAMA)
     for _ in range(2):
         merger.materialize(path)
         live = merger.materialize(good)
         assert live.model.layers is own and live.config.num_hidden_layers == 2
-        state = live.state_dict()
-        assert all(torch.equal(state[n], t) for n, t in want.items())
+        assert_state_equals(live, want)
     # the pool (source weights) is untouched by the path's in-place global writes
     base = merger.pool[m["base"]]
-    assert torch.equal(base.tensor("model.embed_tokens.weight"), exported(
+    assert torch.equal(base.tensor("model.embed_tokens.weight").cpu(), exported(
         Recipe.model_validate({"merge_method": "passthrough", "models": [{"model": m["base"]}]}), tmp_path, "b")[
         "model.embed_tokens.weight"])
 

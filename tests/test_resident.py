@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from evomerge.io.model_dir import ModelDir
 from evomerge.materialize.export import merge_to_dir
@@ -10,9 +11,9 @@ from evomerge.recipe import Recipe
 
 
 @pytest.fixture(scope="module")
-def merger(tiny_zoo):
+def merger(tiny_zoo, device):
     m = tiny_zoo.models
-    return ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu")
+    return ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device=device)
 
 
 def candidates(zoo):
@@ -37,8 +38,9 @@ def candidates(zoo):
     ]
 
 
-def exported(recipe, tmp_path, name):
-    out = merge_to_dir(recipe, tmp_path / name)
+def exported(recipe, tmp_path, name, device="cpu"):
+    """`evomerge merge` of ``recipe`` computed on ``device``, read back as CPU tensors."""
+    out = merge_to_dir(recipe, tmp_path / name, device=device)
     d = ModelDir(out)
     return {n: d.tensor(n) for n in d.names}
 
@@ -46,12 +48,16 @@ def exported(recipe, tmp_path, name):
 def assert_equal_to_export_twice(merger, recipes, tmp_path):
     """Every recipe materialized twice in a row (in-place updates must not leak from one candidate into
     the next) equals its `evomerge merge` export on every tensor."""
-    expected = [exported(r, tmp_path, f"c{i}") for i, r in enumerate(recipes)]
+    expected = [exported(r, tmp_path, f"c{i}", merger.device) for i, r in enumerate(recipes)]
     for _ in range(2):
         for recipe, want in zip(recipes, expected):
-            state = merger.materialize(recipe).state_dict()
-            for name, tensor in want.items():
-                assert torch.equal(state[name], tensor), (recipe.merge_method, name)
+            assert_state_equals(merger.materialize(recipe), want, recipe.merge_method)
+
+
+def assert_state_equals(model, want, label=""):
+    state = model.state_dict()
+    for name, tensor in want.items():
+        assert torch.equal(state[name].cpu(), tensor), (label, name)
 
 
 def test_every_method_equals_export_bit_for_bit_without_drift(tiny_zoo, merger, tmp_path):
@@ -63,7 +69,7 @@ def test_live_model_is_reused_and_generates(tiny_zoo, merger):
     ptrs = {n: p.data_ptr() for n, p in first.named_parameters()}
     second = merger.materialize(Recipe.model_validate(candidates(tiny_zoo)[2]))
     assert second is first and ptrs == {n: p.data_ptr() for n, p in second.named_parameters()}
-    out = second.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    out = second.generate(torch.tensor([[5, 6, 7]], device=merger.device), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 3
 
 
@@ -84,9 +90,7 @@ def test_bad_candidates_are_typed_errors_and_the_merger_survives(tiny_zoo, merge
     with pytest.raises(MaterializeError, match="only output-projection scales"):
         merger.materialize(frank)
     good = Recipe.model_validate(candidates(tiny_zoo)[1])
-    want = exported(good, tmp_path, "after")
-    state = merger.materialize(good).state_dict()
-    assert all(torch.equal(state[n], t) for n, t in want.items())
+    assert_state_equals(merger.materialize(good), exported(good, tmp_path, "after", merger.device))
 
 
 def task_vector_candidates(zoo):
@@ -109,16 +113,21 @@ def task_vector_candidates(zoo):
     ]
 
 
-@pytest.mark.parametrize("placement,block_numel", [("device", 1 << 22), ("disk", 3000)])
+PLACEMENTS = [("cpu", "device", 1 << 22), ("cpu", "disk", 3000)] + [
+    ("cuda", placement, block_numel) for placement, block_numel in [("device", 1 << 22), ("host", 3000), ("disk", 3000)]
+    if "cuda" in DEVICES]
+
+
+@pytest.mark.parametrize("device,placement,block_numel", PLACEMENTS)
 def test_blockwise_route_equals_export_for_every_placement_and_block_size(tiny_zoo, tmp_path, monkeypatch,
-                                                                        placement, block_numel):
+                                                                        device, placement, block_numel):
     from evomerge.materialize import resident
 
     routed = []
     real = resident.merge_block
     monkeypatch.setattr(resident, "merge_block", lambda *a, **k: routed.append(k["method"]) or real(*a, **k))
     m = tiny_zoo.models
-    merger = ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu",
+    merger = ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device=device,
                             placement=placement, block_numel=block_numel)
     assert merger.memory.placement == placement and placement in merger.memory.describe()
     blocks = merger.pool[str(m["base"])].blocks
@@ -131,6 +140,5 @@ def test_blockwise_route_equals_export_for_every_placement_and_block_size(tiny_z
     # a dtype conversion before the arithmetic is not what the magnitude index was built from: per-tensor route
     routed.clear()
     converted = Recipe.model_validate({**task_vector_candidates(tiny_zoo)[1], "dtype": "bfloat16"})
-    want = exported(converted, tmp_path, "bf16")
-    state = merger.materialize(converted).state_dict()
-    assert not routed and all(torch.equal(state[n], t) for n, t in want.items())
+    assert_state_equals(merger.materialize(converted), exported(converted, tmp_path, "bf16", device))
+    assert not routed
