@@ -54,6 +54,7 @@ def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
 
     from evomerge.materialize.export import merge_to_dir
     from evomerge.materialize.plan import plan_merge
+    from evomerge.materialize.pool import BLOCK_NUMEL, default_block_numel
     from evomerge.materialize.resident import ResidentMerger
     from evomerge.zoo import build_zoo
 
@@ -68,6 +69,10 @@ def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
             # the per-tensor route (export's kernels, job by job) on the same resident pool
             ("resident, per-tensor jobs", per_candidate(
                 lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes, device))]
+    if default_block_numel(device) != BLOCK_NUMEL:  # what the larger CUDA blocks save in launches
+        small_blocks = ResidentMerger(zoo.models["base"], sources, device=device, block_numel=BLOCK_NUMEL)
+        rows.append((f"  same, {BLOCK_NUMEL >> 20}M-entry blocks", per_candidate(small_blocks.materialize, recipes, device)))
+        del small_blocks
     # the other placements a model too large for the device would get (host memory is the device on a CPU)
     for placement in (["host"] if device.startswith("cuda") else []) + ["disk"]:
         streamed = ResidentMerger(zoo.models["base"], sources, device=device, placement=placement)

@@ -177,7 +177,8 @@ def test_path_sets_layer_count_and_generates_with_cache(tiny_zoo, merger):
     # the scores, not just the argmax: a shared layer_idx would mix the repeated layer's keys (off by ~0.5)
     for a, b in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    layers = cached.cache.layers
+    # recent transformers name the output's cache `cache`, earlier ones `past_key_values`
+    layers = (getattr(cached, "cache", None) or cached.past_key_values).layers
     assert len(layers) == 5 and all(kv.keys.shape[2] == IDS.shape[1] + 5 for kv in layers)  # one slot per position
 
 

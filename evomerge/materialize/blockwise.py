@@ -22,7 +22,7 @@ import torch
 
 from evomerge.materialize.pool import Block
 from evomerge.methods import sparsify
-from evomerge.methods.generalized_task_arithmetic import sign_consensus
+from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus
 from evomerge.methods.magnitude_index import MagnitudeIndex, expand
 
 #: method -> (sparsifier, sign consensus), as registered in generalized_task_arithmetic
@@ -90,12 +90,18 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
                 if norm:
                     mixed[a:b].div_(divisor[a:b])
     else:
-        mixed = deltas.sum(0)
+        mixed = ordered_sum(deltas)
         if any(normalize):
             totals = [float(sum(kw["weight"])) for kw in kwargs]
-            divisor = per_entry([(1.0 if abs(t) < 1e-8 else t) if norm else 1.0
-                                 for t, norm in zip(totals, normalize)], sizes, device)
-            mixed.div_(divisor)
+            divisors = [(1.0 if abs(t) < 1e-8 else t) if norm else 1.0 for t, norm in zip(totals, normalize)]
+            # by a scalar, as export divides: CUDA divides by a scalar through its reciprocal, so
+            # a per-entry divisor tensor would round differently
+            if all(d == divisors[0] for d in divisors):
+                mixed.div_(divisors[0])
+            else:
+                for (a, b), d in zip(block.spans, divisors):
+                    if d != 1:
+                        mixed[a:b].div_(d)
     lam = per_entry([kw["lambda_"] for kw in kwargs], sizes, device)
     if not (isinstance(lam, float) and lam == 1):
         mixed.mul_(lam)

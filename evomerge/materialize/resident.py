@@ -69,7 +69,7 @@ from evomerge.materialize.blockwise import BLOCKWISE, magnitude_index, merge_blo
 from evomerge.materialize.export import job_seed, run_jobs
 from evomerge.materialize.placement import plan_memory
 from evomerge.materialize.plan import MergePlan, plan_merge
-from evomerge.materialize.pool import BLOCK_NUMEL, PoolModel, layout, model_bytes
+from evomerge.materialize.pool import PoolModel, default_block_numel, layout, model_bytes
 from evomerge.methods.magnitude_index import MagnitudeIndex
 from evomerge.recipe import Recipe
 
@@ -126,7 +126,7 @@ class ResidentMerger:
 
     def __init__(self, base: str | Path, sources: list[str | Path], *, device: str | None = None,
                  threads: int = 2, allow_pickle: bool = False, placement: str = "auto",
-                 block_numel: int = BLOCK_NUMEL) -> None:
+                 block_numel: int | None = None) -> None:
         from evomerge.io.live import checkpoint_names, load_model
         from evomerge.perf import keep_freed_memory
 
@@ -134,6 +134,7 @@ class ResidentMerger:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # CPU: per-tensor jobs run in parallel, one intra-op thread each; CUDA: one stream, in order.
         self.threads = max(1, threads) if self.device == "cpu" else 1
+        block_numel = block_numel or default_block_numel(self.device)
         names = [str(base)] + [str(s) for s in sources if str(s) != str(base)]
         dirs = {name: ModelDir(name, allow_pickle=allow_pickle) for name in names}
         widest = max((b.numel for d in dirs.values() for b in layout(d, block_numel)), default=0)

@@ -65,7 +65,7 @@ def generalized_task_arithmetic(
     if consensus:
         mixed, divisor = sign_consensus(deltas, weight, normalize)
     else:
-        mixed = deltas.sum(0)
+        mixed = ordered_sum(deltas)
         total = float(sum(weight))
         divisor = 1.0 if abs(total) < 1e-8 else total
     if normalize:
@@ -73,6 +73,20 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base32).to(base.dtype)
+
+
+def ordered_sum(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.sum(0)`` as in-order adds: ``(r0 + r1) + r2 ...``.
+
+    A reduction kernel's summation order depends on the tensor's shape (CUDA
+    splits short rows across threads), so a tensor's sum computed alone (export)
+    and inside a block of tensors (the resident merger) could differ in the last
+    bit; in-order adds give the same floats for every shape on every device.
+    """
+    out = rows[0] + rows[1] if len(rows) > 1 else rows[0].clone()
+    for row in rows[2:]:
+        out.add_(row)
+    return out
 
 
 def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor], with_divisor: bool):
@@ -85,7 +99,7 @@ def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor
     are several times slower on CPU. A weight may be a tensor of per-entry
     weights (several tensors merged at once, each with its own weight).
     """
-    elected = weighted.sum(0).sign_().add_(0.5).sign_()
+    elected = ordered_sum(weighted).sign_().add_(0.5).sign_()
     mixed = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected) if with_divisor else None
     for row, w in zip(weighted, weight):

@@ -12,11 +12,11 @@ from evomerge.methods.registry import REQUIRED, MergeMethod, register
 
 def linear(base, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``. ``base`` is unused."""
-    stacked = torch.stack([t.float() for t in tensors])
-    w = torch.tensor(list(weight), dtype=torch.float32).view(-1, *([1] * tensors[0].dim()))
-    out = (stacked * w).sum(0)
+    out = tensors[0].float() * weight[0]
+    for t, w in zip(tensors[1:], weight[1:]):
+        out.add_(t.float() * w)
     if normalize:
-        total = float(w.sum())
+        total = float(torch.tensor(list(weight), dtype=torch.float32).sum())
         if total == 0:
             raise EvomergeError("linear: weights sum to 0, cannot normalize (set normalize: false)")
         out = out / total
