@@ -50,14 +50,7 @@ def test_index_cuts_equal_rank_cuts_including_ties_and_edges():
     ks_list.append([35_000 + 1, 50, 37_000, 1, 1_500, 2])  # 37_000 cuts inside the run of 0.5s
     for ks in ks_list:
         ks = [min(k, n) for k, n in zip(ks, sizes)]
-        cuts = index.cut(magnitude, ks)
-        got = magnitude.clone()
-        for (a, b), bound, zero in zip(zip(starts, starts[1:]), cuts.bounds, cuts.zero):
-            if zero:
-                got[a:b].zero_()
-            elif bound is not None:
-                torch.nn.functional.threshold(got[a:b], bound, 0.0, inplace=True)
-        got[cuts.drop] = 0
+        got = index.trim_(magnitude.clone(), ks)
         for (a, b), k in zip(zip(starts, starts[1:]), ks):
             want = RankCut(magnitude[a:b], k).apply_(magnitude[a:b].clone())
             assert torch.equal(got[a:b], want), (ks, a)

@@ -117,14 +117,7 @@ def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, inde
     magnitude = delta.abs()
     rescaled = [s for s in trimmed if kwargs[s]["rescale"]]
     before = {s: float(magnitude[slice(*spans[s])].sum()) for s in rescaled if kwargs[s]["rescale_method"] == "l1"}
-    cuts = index.cut(magnitude, [int(d * n) if d < 1 else n for d, n in zip(density, block.sizes)])
-    for (a, b), bound, zero in zip(spans, cuts.bounds, cuts.zero):
-        if zero:
-            magnitude[a:b].zero_()
-        elif bound is not None:
-            torch.nn.functional.threshold(magnitude[a:b], bound, 0.0, inplace=True)
-    if cuts.drop.numel():
-        magnitude[cuts.drop] = 0
+    index.trim_(magnitude, [int(d * n) if d < 1 else n for d, n in zip(density, block.sizes)])
     torch.copysign(magnitude, delta, out=delta)
     for s in rescaled:
         sparsify.rescale_(delta[slice(*spans[s])], before.get(s, 0.0), True, kwargs[s]["rescale_method"], density[s])

@@ -16,7 +16,6 @@ kept lowest index first, so exactly k survive), hence bit-identical results.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 
@@ -44,31 +43,19 @@ def expand(values, sizes, *, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
-@dataclass
-class Cuts:
-    """Per-tensor cuts of one block: what ``MagnitudeIndex.cut`` returns.
-
-    ``bounds[s]`` is ``None`` to keep every entry of tensor ``s``, else an entry
-    is kept when its magnitude is ``> bounds[s]``. ``zero[s]``
-    drops tensor ``s`` whole (k = 0). ``drop`` indexes (into the block) the
-    entries tied with their tensor's cut beyond the k kept.
-    """
-
-    bounds: list[float | None]
-    zero: list[bool]
-    drop: torch.Tensor
-
-
 class MagnitudeIndex:
     """Bucketed magnitude counts of the tensors of one block (see the module doc)."""
 
     def __init__(self, magnitude: torch.Tensor, sizes: list[int]) -> None:
         self.sizes = list(sizes)
+        self.numel = sum(self.sizes)
         device = magnitude.device
         starts = [0]
         for n in sizes:
             starts.append(starts[-1] + n)
+        self.offsets = starts
         self.starts = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.counts = self.starts.diff()
         high = high_half(magnitude)
         keys, buckets, first = [], [], [0]
         for s, (a, b) in enumerate(zip(starts, starts[1:])):
@@ -84,30 +71,33 @@ class MagnitudeIndex:
     @property
     def nbytes(self) -> int:
         """Memory the index holds."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.buckets, self.first, self.starts))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.buckets, self.first, self.starts, self.counts))
 
-    def cut(self, magnitude: torch.Tensor, ks: list[int]) -> Cuts:
-        """Cuts keeping the ``ks[s]`` largest entries of each tensor ``s`` of ``magnitude``.
+    def trim_(self, magnitude: torch.Tensor, ks: list[int]) -> torch.Tensor:
+        """Zero all but the ``ks[s]`` largest entries of each tensor ``s`` of ``magnitude``, in place.
 
-        ``magnitude`` must hold the very values the index was built from.
+        ``magnitude`` must hold the very values the index was built from. The
+        bookkeeping stays on the device: one host sync (the bucket members'
+        count) per call, and no per-tensor kernel launches.
         """
         sizes = self.sizes
         device = magnitude.device
-        bounds: list[float | None] = [None] * len(sizes)
-        zero = [k <= 0 < n for k, n in zip(ks, sizes)]
+        # per tensor, entries <= bound are zeroed: -inf keeps a tensor whole, +inf drops it (k = 0)
+        bound_of = [float("inf") if k <= 0 < n else float("-inf") for k, n in zip(ks, sizes)]
         need = [s for s, (k, n) in enumerate(zip(ks, sizes)) if 0 < k < n]
         if not need:
-            return Cuts(bounds, zero, torch.zeros(0, dtype=torch.int64, device=device))
-        segs = torch.tensor(need, dtype=torch.int64, device=device)
-        k = torch.tensor([ks[s] for s in need], dtype=torch.int64, device=device)
+            if any(b > 0 for b in bound_of):
+                self._zero_at_or_below_(magnitude, _on(bound_of, torch.float32, device))
+            return magnitude
+        segs = _on(need, torch.int64, device)
+        k = _on([ks[s] for s in need], torch.int64, device)
         pos = torch.searchsorted(self.keys, segs * _SEG + k)
         bucket = self.buckets[pos]
         above = torch.where(pos > self.first[segs], self.keys[(pos - 1).clamp(min=0)] - segs * _SEG, 0)
-        # members of each tensor's chosen bucket, over the whole block in one pass
-        target = [-1] * len(sizes)
-        for s, b in zip(need, bucket.tolist()):
-            target[s] = b
-        members = (high_half(magnitude) == expand(target, sizes, dtype=torch.int16, device=device)).nonzero().squeeze(1)
+        # members of each tensor's chosen bucket, over the whole block in one pass (-1 matches nothing)
+        target = torch.full((len(sizes),), -1, dtype=torch.int16, device=device)
+        target[segs] = bucket.to(torch.int16)
+        members = (high_half(magnitude) == self._per_entry(target)).nonzero().squeeze(1)
         seg_of = torch.searchsorted(self.starts, members, right=True) - 1
         low = magnitude.view(torch.int32)[members] & 0xFFFF
         # within a tensor: largest first; stable, so equal values stay in index order. int32 keys
@@ -119,12 +109,50 @@ class MagnitudeIndex:
         cut_key = order_key[p]
         cut_bits = (bucket << 16) | (0xFFFF - (cut_key - segs * (1 << 16)))
         cut = cut_bits.to(torch.int32).view(torch.float32)
-        bound = torch.nextafter(cut, torch.tensor(-1.0, device=device)).tolist()
-        for s, b in zip(need, bound):
-            bounds[s] = b
-        # entries equal to the cut beyond the k kept: the rest of the cut's run in the sorted members
-        run_end = torch.searchsorted(order_key, cut_key, right=True)
-        extra = (run_end - p - 1).tolist()
-        drop = [members[q + 1: q + 1 + e] for q, e in zip(p.tolist(), extra) if e > 0]
-        drop_t = torch.cat(drop) if drop else torch.zeros(0, dtype=torch.int64, device=device)
-        return Cuts(bounds, zero, drop_t)
+        bounds = _on(bound_of, torch.float32, device)
+        bounds[segs] = torch.nextafter(cut, torch.full_like(cut, -1.0))
+        self._zero_at_or_below_(magnitude, bounds)
+        # entries equal to the cut beyond the k kept: sorted positions after p, within the cut's run
+        last_kept = torch.full((len(sizes),), members.numel(), dtype=torch.int64, device=device)
+        last_kept[segs] = p
+        run_end = torch.zeros(len(sizes), dtype=torch.int64, device=device)
+        run_end[segs] = torch.searchsorted(order_key, cut_key, right=True)
+        seg_sorted = (order_key >> 16).long()
+        j = torch.arange(members.numel(), device=device)
+        dropped = (j > last_kept[seg_sorted]) & (j < run_end[seg_sorted])
+        magnitude.index_put_((members,), magnitude[members].masked_fill_(dropped, 0.0))
+        return magnitude
+
+    def _per_entry(self, values: torch.Tensor) -> torch.Tensor:
+        """One value per tensor (on the device) repeated over that tensor's entries.
+
+        One kernel on CUDA, where per-tensor launches would dominate; per-tensor
+        fills on a CPU, where ``repeat_interleave`` is ~25x slower (4M entries:
+        11.5 ms against 0.4 ms).
+        """
+        if values.device.type == "cpu":
+            return expand(values.tolist(), self.sizes, dtype=values.dtype, device="cpu")
+        return torch.repeat_interleave(values, self.counts, output_size=self.numel)
+
+    def _zero_at_or_below_(self, magnitude: torch.Tensor, bounds: torch.Tensor) -> None:
+        """Zero each tensor's entries at or below its bound (-inf: none, +inf: all).
+
+        One masked fill on CUDA; a threshold per tensor on a CPU, where a masked
+        fill over a block is ~15x slower.
+        """
+        if magnitude.device.type != "cpu":
+            magnitude.masked_fill_(magnitude <= self._per_entry(bounds), 0.0)
+            return
+        for a, b, bound in zip(self.offsets, self.offsets[1:], bounds.tolist()):
+            if bound == float("inf"):
+                magnitude[a:b].zero_()
+            elif bound > float("-inf"):
+                torch.nn.functional.threshold(magnitude[a:b], bound, 0.0, inplace=True)
+
+
+def _on(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list as a device tensor, copied without waiting for the device (pinned, non-blocking)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
