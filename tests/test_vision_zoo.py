@@ -1,4 +1,4 @@
-"""The vision zoo (tiny): data, fixed cosine heads, the image accuracy evaluator, merges and AdaMerging on it."""
+"""The vision zoo (tiny): data, fixed heads, the image accuracy evaluator, merges and AdaMerging on it."""
 
 from __future__ import annotations
 
@@ -60,6 +60,49 @@ def test_heads_are_scaled_cosine_similarities(tiny_vision_zoo):
     torch.testing.assert_close(logits, scale * cos, rtol=1e-3, atol=1e-3)
     assert features.norm(dim=-1).mean().item() == pytest.approx(math.sqrt(features.shape[-1]), rel=1e-3)
     assert torch.count_nonzero(model.classifier.bias) == 0
+
+
+def test_random_heads_are_orthonormal_class_directions_the_fine_tunes_learn(tmp_path, monkeypatch):
+    """``head_alignment: 0`` (the small zoo's): heads owe nothing to the pre-trained encoder, which is then near
+    chance, and each fine-tune moves the encoder onto its task's directions."""
+    import dataclasses
+
+    from evomerge.zoo import build_zoo
+    from evomerge.zoo.spec import VISION_SIZES
+
+    spec = dataclasses.replace(VISION_SIZES["tiny"], head_alignment=0.0, ft_lr=3e-3)
+    monkeypatch.setitem(VISION_SIZES, "tiny", spec)
+    zoo = build_zoo("vision", "tiny", tmp_path / "zoo", seed=0)
+    heads = {t: load_model(zoo.models[t]).classifier.weight.detach() for t in zoo.finetune_tasks}
+    for weight in heads.values():
+        gram = weight @ weight.T * spec.hidden_size / spec.head_scale ** 2
+        torch.testing.assert_close(gram, torch.eye(10), atol=1e-5, rtol=0)
+    first, second = list(heads.values())[:2]
+    assert (first - second).abs().max() > 0.1  # each task its own directions
+    table = zoo.manifest["verification"]["table"]
+    assert sum(table["base"].values()) / len(table["base"]) < 0.3
+    assert all(table[t][t] > table["base"][t] + 0.2 for t in zoo.finetune_tasks)
+
+
+def test_head_alignment_blends_class_means_with_random_directions(tiny_vision_zoo):
+    import dataclasses
+
+    from evomerge.zoo.spec import VISION_SIZES
+    from evomerge.zoo.vision import cosine_head, task_head
+
+    model = load_model(tiny_vision_zoo.models["base"])
+    with np.load(task_split(tiny_vision_zoo, "digits", "train")) as d:
+        train = (d["pixel_values"], d["labels"])
+    means = torch.nn.functional.normalize(cosine_head(model, *train, 1.0), dim=-1)
+    alignment = {}
+    for a in (0.0, 0.25, 0.5, 1.0):
+        spec = dataclasses.replace(VISION_SIZES["tiny"], head_alignment=a)
+        head = task_head(model, train, spec, torch.Generator().manual_seed(0))
+        norms = head.norm(dim=-1)
+        torch.testing.assert_close(norms, torch.full_like(norms, spec.head_scale / math.sqrt(spec.hidden_size)))
+        alignment[a] = (torch.nn.functional.normalize(head, dim=-1) * means).sum(-1).mean().item()
+    assert alignment[1.0] == pytest.approx(1.0, abs=1e-6) and abs(alignment[0.0]) < 0.3
+    assert alignment[0.0] < alignment[0.25] < alignment[0.5] < alignment[1.0]
 
 
 def test_accuracy_with_a_swapped_head_equals_a_manual_count(tiny_vision_zoo):

@@ -167,6 +167,9 @@ class VisionZooSpec:
     ft_steps: int = 300
     ft_lr: float = 1e-4
     ft_batch: int = 64
+    # task heads, fixed: class directions blending each class's mean pre-trained feature
+    # (weight head_alignment) with random orthonormal directions (1 - head_alignment); see zoo.vision
+    head_alignment: float = 1.0
     head_scale: float = 10.0
     n_train: int = 1000
     n_validation: int = 200
@@ -195,6 +198,6 @@ VISION_SIZES: dict[str, VisionZooSpec] = {
     ),
     "small": VisionZooSpec(
         size="small", tasks=("digits", "rotated", "inverted", "noisy", "rolled"), hidden_size=64, num_layers=4,
-        num_heads=4, intermediate_size=128,
+        num_heads=4, intermediate_size=128, head_alignment=0.25, ft_lr=3e-4,
     ),
 }

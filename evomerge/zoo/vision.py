@@ -6,19 +6,24 @@ labels, split into train / validation / test / unlabeled per task.
 
 The setting follows the AdaMerging paper's: one shared encoder is merged and
 each task keeps its own fixed head. A head is CLIP-like: scale x cosine
-similarity between the image feature and each class's mean *pre-trained*
-feature. It is exact in a stock ``ViTForImageClassification`` (no custom code):
-the final layer norm's affine is frozen at identity, so the feature it outputs
-has zero mean and unit variance, i.e. L2 norm sqrt(hidden) (up to the norm's
-eps), and a bias-free linear classifier whose rows are
-``scale / sqrt(hidden) * normalize(class mean)`` gives ``scale * cos``. Heads
-stay fixed while fine-tuning, so a fine-tune must move features toward its
-task's class directions, and merged encoders are scored with each task's head
-swapped in. What a first prototype showed: heads trained per fine-tune made
-every merge worse than the pre-trained encoder; fixed cosine heads on a
-pre-training with a little supervision put merges between the pre-trained and
-the fine-tuned accuracies, though not in the paper's order (entropy is lowest
-at the pre-trained encoder the heads come from; see docs/adamerging.md).
+similarity between the image feature and a direction per class. It is exact in
+a stock ``ViTForImageClassification`` (no custom code): the final layer norm's
+affine is frozen at identity, so the feature it outputs has zero mean and unit
+variance, i.e. L2 norm sqrt(hidden) (up to the norm's eps), and a bias-free
+linear classifier whose rows are ``scale / sqrt(hidden) * d_c`` (unit ``d_c``)
+gives ``scale * cos``. Heads stay fixed while fine-tuning, so a fine-tune must
+move features toward its task's class directions, and merged encoders are
+scored with each task's head swapped in.
+
+The class directions blend each class's mean *pre-trained* feature (weight
+``head_alignment``) with random orthonormal directions, like CLIP's text
+embeddings: related to the image encoder's features (zero-shot accuracy well
+above chance) without being built from them. What moved the merges (docs/zoo.md):
+heads trained per fine-tune made every merge worse than the pre-trained
+encoder; pure class-mean heads (alignment 1) make the pre-trained encoder the
+entropy minimum, so AdaMerging shrinks toward it; pure random heads (0) put it
+at chance and entropy keeps falling past the useful task-vector scale; 0.25
+(the small zoo) reproduces the paper's ordering with entropy a good ranker.
 """
 
 from __future__ import annotations
@@ -169,6 +174,24 @@ def cosine_head(model, images: np.ndarray, labels: np.ndarray, scale: float):
     return scale / math.sqrt(features.shape[-1]) * F.normalize(means, dim=-1)
 
 
+def task_head(model, train: tuple[np.ndarray, np.ndarray], spec: VisionZooSpec, generator):
+    """A task's fixed head: ``scale * cos(feature, d_c)`` with class directions ``d_c`` blending the
+    class means of the pre-trained features (``head_alignment``) with random orthonormal directions."""
+    import torch
+    import torch.nn.functional as F
+
+    a = spec.head_alignment
+    if a >= 1:
+        return cosine_head(model, *train, spec.head_scale)
+    hidden = spec.hidden_size
+    q, _ = torch.linalg.qr(torch.randn(hidden, 10, generator=generator))
+    directions = q.T
+    if a > 0:
+        aligned = cosine_head(model, *train, spec.head_scale) * math.sqrt(hidden) / spec.head_scale
+        directions = F.normalize(a * aligned + (1 - a) * directions, dim=-1)
+    return spec.head_scale / math.sqrt(hidden) * directions
+
+
 def _set_head(model, weight) -> None:
     import torch
 
@@ -228,7 +251,7 @@ def _build_into(tmp: Path, spec: VisionZooSpec, seed: int, say: Callable[[str], 
     _freeze_final_norm(model)
     say(f"pre-training the ViT encoder ({spec.pre_steps} steps, masked patches + {spec.labels_per_task} labels/task)")
     _pretrain(model, spec, splits, generator)
-    heads = {t: cosine_head(model, *splits[t]["train"], spec.head_scale) for t in spec.tasks}
+    heads = {t: task_head(model, splits[t]["train"], spec, generator) for t in spec.tasks}
     models = {"base": "base"}
     table: dict[str, dict[str, float]] = {"base": {}}
     for t in spec.tasks:
