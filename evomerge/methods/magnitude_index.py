@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from evomerge.methods.sparsify import where_equal
+
 _SEG = 1 << 40  # segment stride in the packed cumulative keys (more than any tensor's entry count)
 
 
@@ -100,7 +102,7 @@ class MagnitudeIndex:
         # members of each tensor's chosen bucket, over the whole block in one pass (-1 matches nothing)
         target = torch.full((len(sizes),), -1, dtype=torch.int16, device=device)
         target[segs] = bucket.to(torch.int16)
-        members = (high_half(magnitude) == self._per_entry(target)).nonzero().squeeze(1)
+        members = where_equal(high_half(magnitude), self._per_entry(target))
         seg_of = torch.searchsorted(self.starts, members, right=True) - 1
         low = magnitude.view(torch.int32)[members] & 0xFFFF
         # within a tensor: largest first; stable, so equal values stay in index order. int32 keys

@@ -13,8 +13,7 @@ several times slower.
 
 from __future__ import annotations
 
-import sys
-
+import numpy as np
 import torch
 
 #: How a dropped-out delta is rescaled: mergekit restores the L1 norm; the DARE
@@ -22,6 +21,19 @@ import torch
 RESCALE_METHODS = ("l1", "inverse_density")
 #: Below this many entries torch.kthvalue beats the radix histograms' fixed cost.
 SMALL = 1 << 15
+def where_equal(values: torch.Tensor, value: int | torch.Tensor) -> torch.Tensor:
+    """Indices (ascending, int64) of the entries of a flat integer tensor equal to ``value``
+    (a number, or a tensor of the same shape compared entry by entry).
+
+    On a CPU through NumPy, whose compare and scan are ~6x faster than torch's
+    ``==`` and ``nonzero`` here (0.42 ms against 2.6 ms for 2.9M int16).
+    """
+    if values.device.type == "cpu":
+        other = value.numpy() if isinstance(value, torch.Tensor) else value
+        return torch.from_numpy(np.flatnonzero(values.numpy() == other))
+    return (values == value).nonzero().squeeze(1)
+
+
 class RankCut:
     """The ``k`` largest entries of a flat non-negative tensor, found by radix selection.
 
@@ -43,15 +55,15 @@ class RankCut:
             self._finish(cut, int((magnitude >= cut).sum()), k)
             return
         bits = magnitude.view(torch.int32)
-        # The high half of each float read in place (little-endian: the second int16)
-        # saves a shift pass; non-negative floats keep it within [0, 32767].
-        high = magnitude.view(torch.int16)[1::2] if sys.byteorder == "little" else bits >> 16
+        # contiguous high halves (non-negative floats keep them within [0, 32767]): torch's
+        # bincount over the strided in-place view costs as much as the copy and its own pass
+        high = (bits >> 16).to(torch.int16)
         ge = torch.bincount(high, minlength=1 << 16).flip(0).cumsum(0)  # ge[i]: high >= 65535 - i
         i = int(torch.searchsorted(ge, torch.tensor(k, dtype=ge.dtype, device=ge.device)))
         bucket = (1 << 16) - 1 - i
         above = int(ge[i - 1]) if i > 0 else 0
         # the bucket's members (indices kept: entries tied at the cut are among them)
-        members = (high == bucket).nonzero().squeeze(1)
+        members = where_equal(high, bucket)
         low = bits[members] & 0xFFFF
         ge_low = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0)
         j = int(torch.searchsorted(ge_low, torch.tensor(k - above, dtype=ge_low.dtype, device=ge_low.device)))
