@@ -21,6 +21,8 @@ import torch
 RESCALE_METHODS = ("l1", "inverse_density")
 #: Below this many entries torch.kthvalue beats the radix histograms' fixed cost.
 SMALL = 1 << 15
+
+
 def where_equal(values: torch.Tensor, value: int | torch.Tensor) -> torch.Tensor:
     """Indices (ascending, int64) of the entries of a flat integer tensor equal to ``value``
     (a number, or a tensor of the same shape compared entry by entry).
