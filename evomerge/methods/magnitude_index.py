@@ -137,9 +137,9 @@ class MagnitudeIndex:
         """Zero each tensor's entries at or below its bound (-inf: none, +inf: all).
 
         One masked fill on CUDA; a threshold per tensor on a CPU, where a masked
-        fill over a block is ~15x slower. The two differ only on NaN (kept by the
-        fill, zeroed by the threshold); a NaN task vector fails the candidate's
-        finite check either way or comes from a broken source.
+        fill over a block is ~15x slower. The two differ only on NaN entries, which
+        only a broken source produces: the fill keeps them (the candidate then
+        fails its finite check), the threshold zeroes them.
         """
         if magnitude.device.type != "cpu":
             magnitude.masked_fill_(magnitude <= self._per_entry(bounds), 0.0)
