@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.adamerging.merge import FunctionalMerge, coefficients_from_recipe, recipe_for
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.entropy import prediction_entropy
-from evomerge.io.live import checkpoint_names, load_model
+from evomerge.io.live import checkpoint_names, checkpoint_parameters, load_model
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
 def _check_heads(tasks: list[EntropyTask], model, live_names: dict[str, str]) -> set[str]:
     """Head tensor names (all tasks must name the same ones) checked against the live model."""
     names = set(tasks[0].head)
-    params = dict(model.named_parameters())
-    own = {name: params[live] for name, live in live_names.items() if live in params}
+    own = checkpoint_parameters(model, live_names)
     for task in tasks:
         if set(task.head) != names:
             raise EvomergeError(

@@ -139,12 +139,11 @@ class HeadSwap:
 
     def setup(self, model) -> None:
         """Load the head tensors and check them against the live model."""
-        from evomerge.io.live import checkpoint_names
+        from evomerge.io.live import checkpoint_parameters
         from evomerge.io.model_dir import ModelDir
 
         source = ModelDir(self.model_dir)
-        params = dict(model.named_parameters())
-        own = {name: params[live] for name, live in checkpoint_names(model).items() if live in params}
+        own = checkpoint_parameters(model)
         names = [n for n in source.names if n.startswith(self.prefix)]
         if not names:
             raise EvomergeError(f"{self.model_dir}: no tensor starts with head prefix {self.prefix!r}")

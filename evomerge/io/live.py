@@ -66,3 +66,10 @@ def checkpoint_names(model) -> dict[str, str]:
             )
         out[name] = live[int(marker.item())]
     return out
+
+
+def checkpoint_parameters(model, names: dict[str, str] | None = None) -> dict:
+    """The live model's parameters by checkpoint name (``names``: a ``checkpoint_names`` map already made)."""
+    names = checkpoint_names(model) if names is None else names
+    params = dict(model.named_parameters())
+    return {name: params[live] for name, live in names.items() if live in params}

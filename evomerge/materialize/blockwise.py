@@ -22,7 +22,7 @@ import torch
 
 from evomerge.materialize.pool import Block
 from evomerge.methods import sparsify
-from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus
+from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
 from evomerge.methods.magnitude_index import MagnitudeIndex, expand
 
 #: method -> (sparsifier, sign consensus), as registered in generalized_task_arithmetic
@@ -42,15 +42,9 @@ def per_entry(values: Sequence[float], sizes: Sequence[int], device) -> float | 
     return expand(values, sizes, dtype=torch.float32, device=device)
 
 
-def deltas_of(base32: torch.Tensor, source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``source - base`` in float32, computed exactly as the export kernel does."""
-    out = torch.empty_like(base32) if out is None else out
-    return out.copy_(source).sub_(base32)
-
-
 def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:
     """The index of ``|source - base|`` over ``block`` (both flat, on one device)."""
-    return MagnitudeIndex(deltas_of(base.float(), source).abs_(), block.sizes)
+    return MagnitudeIndex(task_vector(base.float(), source).abs_(), block.sizes)
 
 
 def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
@@ -69,7 +63,7 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
     deltas = torch.empty((len(sources), block.numel), dtype=torch.float32, device=device)
     weights = []
     for i, source in enumerate(sources):
-        delta = deltas_of(base32, source, deltas[i])
+        delta = task_vector(base32, source, deltas[i])
         if sparsifier is not None:
             density = [kw["density"][i] for kw in kwargs]
             if sparsifier == "magnitude":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def layout(model: ModelDir, block_numel: int = BLOCK_NUMEL) -> tuple[Block, ...]
     """``model``'s tensors in header order, cut into blocks."""
     blocks: list[Block] = []
     run: list[tuple[str, tuple[int, ...], int]] = []
-    dtype = None
+    dtype, filled = None, 0
 
     def close() -> None:
         if run:
@@ -68,13 +69,12 @@ def layout(model: ModelDir, block_numel: int = BLOCK_NUMEL) -> tuple[Block, ...]
 
     for name in model.names:
         info = model.info(name)
-        n = 1
-        for d in info.shape:
-            n *= d
-        if info.dtype != dtype or (run and sum(r[2] for r in run) + n > block_numel):
+        n = math.prod(info.shape)
+        if info.dtype != dtype or (run and filled + n > block_numel):
             close()
-            dtype = info.dtype
+            dtype, filled = info.dtype, 0
         run.append((name, tuple(info.shape), n))
+        filled += n
     close()
     return tuple(blocks)
 
@@ -122,10 +122,7 @@ class PoolModel:
         if self._flat is None:
             return self.source.tensor(name)
         b, start, shape = self._where[name]
-        n = 1
-        for d in shape:
-            n *= d
-        return self._flat[b][start:start + n].view(shape)
+        return self._flat[b][start:start + math.prod(shape)].view(shape)
 
     def block(self, b: int) -> torch.Tensor:
         """Block ``b`` on the device (a transfer or a read unless the placement is ``device``)."""

@@ -49,8 +49,7 @@ def generalized_task_arithmetic(
     base32 = base.float()
     deltas = torch.empty((len(tensors), *base.shape), dtype=torch.float32, device=base.device)
     for i, t in enumerate(tensors):
-        delta = deltas[i]
-        delta.copy_(t).sub_(base32)  # faster than a mixed-dtype sub into `out`
+        delta = task_vector(base32, t, deltas[i])
         d = density[i] if density is not None else 1.0
         if sparsifier == "magnitude":
             sparsify.magnitude(delta, d, rescale=rescale, how=rescale_method)
@@ -73,6 +72,12 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base32).to(base.dtype)
+
+
+def task_vector(base32: torch.Tensor, source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``source - base`` in float32, into ``out`` when given (every task-vector merge computes it this way)."""
+    out = torch.empty_like(base32) if out is None else out
+    return out.copy_(source).sub_(base32)  # faster than a mixed-dtype subtraction into `out`
 
 
 def ordered_sum(rows: torch.Tensor) -> torch.Tensor:

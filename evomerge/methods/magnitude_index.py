@@ -54,7 +54,6 @@ class MagnitudeIndex:
 
     def __init__(self, magnitude: torch.Tensor, sizes: list[int]) -> None:
         self.sizes = list(sizes)
-        self.numel = sum(self.sizes)
         device = magnitude.device
         starts = [0]
         for n in sizes:

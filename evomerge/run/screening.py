@@ -41,10 +41,10 @@ def estimate(surrogate: float, history: list[tuple[float, list[float]]], batch_f
     this batch (at least one).
     """
     out = []
+    xs = np.array([s for s, _ in history], dtype=float)
     for i, direction in enumerate(directions):
         values = [f[i] for f in batch_fitness]
         cap = min(values) if direction == "maximize" else max(values)
-        xs = np.array([s for s, _ in history], dtype=float)
         ys = np.array([f[i] for _, f in history], dtype=float)
         if len(history) >= 3 and np.ptp(xs) > 0:
             slope, intercept = np.polyfit(xs, ys, 1)
