@@ -69,6 +69,11 @@ def test_live_model_is_reused_and_generates(tiny_zoo, merger):
     ptrs = {n: p.data_ptr() for n, p in first.named_parameters()}
     second = merger.materialize(Recipe.model_validate(candidates(tiny_zoo)[2]))
     assert second is first and ptrs == {n: p.data_ptr() for n, p in second.named_parameters()}
+    # the parameters of a block are views of one buffer: a block is written with one copy
+    state = second.state_dict()
+    for block in merger.pool[merger.base].blocks:
+        storages = {state[name].untyped_storage().data_ptr() for name in block.names}
+        assert len(storages) == 1, block.names
     out = second.generate(torch.tensor([[5, 6, 7]], device=merger.device), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 3
 
@@ -91,6 +96,27 @@ def test_bad_candidates_are_typed_errors_and_the_merger_survives(tiny_zoo, merge
         merger.materialize(frank)
     good = Recipe.model_validate(candidates(tiny_zoo)[1])
     assert_state_equals(merger.materialize(good), exported(good, tmp_path, "after", merger.device))
+
+
+def test_task_vector_candidates_wait_for_the_device_once(tiny_zoo, merger):
+    """On CUDA a blockwise candidate queues all its kernels; the host waits once, for the finiteness check."""
+    if merger.device == "cpu":
+        pytest.skip("host syncs are a CUDA matter")
+    import warnings
+
+    recipes = [Recipe.model_validate(c) for c in task_vector_candidates(tiny_zoo)[:2]]
+    for recipe in recipes:
+        merger.materialize(recipe)  # builds the magnitude indexes
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for recipe in recipes:
+                merger.materialize(recipe)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == len(recipes), syncs
 
 
 def task_vector_candidates(zoo):

@@ -73,3 +73,25 @@ def checkpoint_parameters(model, names: dict[str, str] | None = None) -> dict:
     names = checkpoint_names(model) if names is None else names
     params = dict(model.named_parameters())
     return {name: params[live] for name, live in names.items() if live in params}
+
+
+def share_flat_storage(params: list):
+    """Make ``params`` consecutive views of one new flat buffer, values kept; the buffer, or ``None``.
+
+    Writing a block of merged tensors into the buffer is then one copy instead
+    of one per tensor. ``None`` (nothing changed) when the parameters differ in
+    dtype or device or one of them appears twice (tied weights).
+    """
+    import torch
+
+    if not params or len({id(p) for p in params}) != len(params) \
+            or len({(p.dtype, p.device) for p in params}) != 1:
+        return None
+    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    start = 0
+    for p in params:
+        view = flat[start:start + p.numel()].view(p.shape)
+        view.copy_(p.data)
+        p.data = view
+        start += p.numel()
+    return flat

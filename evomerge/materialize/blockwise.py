@@ -76,7 +76,8 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
         weights.append(weight)
     normalize = [bool(kw["normalize"]) for kw in kwargs]
     if consensus:
-        mixed, divisor = sign_consensus(deltas, weights, any(normalize))
+        nonnegative = all(w >= 0 for kw in kwargs for w in kw["weight"])
+        mixed, divisor = sign_consensus(deltas, weights, any(normalize), nonnegative)
         if all(normalize):
             mixed.div_(divisor)
         else:

@@ -56,6 +56,7 @@ layers are copied to the device the first time a path uses them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -151,8 +152,9 @@ class ResidentMerger:
         self.model = load_model(base, self.device)
         # Detached views of the parameters, by checkpoint name (what merge plans use): in-place
         # writes from worker threads need no autograd state.
-        live = self.model.state_dict()
         names = checkpoint_names(self.model)
+        self._live_blocks = self._share_blocks(names)
+        live = self.model.state_dict()
         self._targets = {name: live[own] for name, own in names.items()}
         container = _live_layer_container(self.pool[self.base].arch, names)
         self._layers_owner, _, self._layers_attr = container.rpartition(".")
@@ -227,6 +229,8 @@ class ResidentMerger:
             return False
         seed = seed if seed is not None else (recipe.random_seed or 0)
         sparsifier = BLOCKWISE[plan.method.name][0]
+        own_layout = base_name == self.base
+        sums = []
         for b, block in enumerate(base.blocks):
             base_t = base.block(b)
             source_t = [self.pool[m].block(b) for m in sources]
@@ -239,14 +243,39 @@ class ResidentMerger:
             out = merge_block(block, base_t, source_t, [jobs[name].kwargs for name in block.names],
                               method=plan.method.name, generators=generators, indexes=indexes)
             # export's casts: the kernel returns the base's dtype, the job casts to its own
-            out = out.to(getattr(torch, block.dtype)).to(getattr(torch, jobs[block.names[0]].dtype))
-            if not _all_finite(out):
-                bad = next(name for name, (a, z) in zip(block.names, block.spans)
-                           if not bool(torch.isfinite(out[a:z]).all()))
-                raise MaterializeError(f"candidate tensor {bad} has NaN or Inf values")
-            for name, shape, a, n in zip(block.names, block.shapes, block.offsets, block.sizes):
-                self._targets[name].copy_(out[a:a + n].view(shape))
+            stored, cast = getattr(torch, block.dtype), getattr(torch, jobs[block.names[0]].dtype)
+            live = self._live_blocks[b] if own_layout else None
+            if live is not None and stored == cast == live.dtype:
+                live.copy_(out)  # one rounding to the stored dtype, as .to() does
+            else:
+                out = out.to(stored).to(cast)
+                for name, shape, a, n in zip(block.names, block.shapes, block.offsets, block.sizes):
+                    self._targets[name].copy_(out[a:a + n].view(shape))
+                live = out
+            sums.append(live.sum().float())
+        # one finiteness check per candidate (a host sync per block would idle a GPU); a candidate
+        # that fails it has been written, and the next one rewrites every tensor
+        if not _all_finite(torch.stack(sums)):
+            for block in base.blocks:
+                bad = next((name for name in block.names if not _all_finite(self._targets[name])), None)
+                if bad is not None:
+                    raise MaterializeError(f"candidate tensor {bad} has NaN or Inf values")
         return True
+
+    def _share_blocks(self, names: dict[str, str]) -> list:
+        """Per base block, a flat buffer the live parameters of its tensors are views of (``None``
+        where they cannot be: buffers, tied or mixed-dtype tensors)."""
+        from evomerge.io.live import share_flat_storage
+
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        uses = collections.Counter(id(params[live]) for live in names.values() if live in params)
+        blocks = []
+        for block in self.pool[self.base].blocks:
+            own = [params.get(names.get(name, "")) for name in block.names]
+            free = all(p is not None and tuple(p.shape) == shape and uses[id(p)] == 1
+                       for p, shape in zip(own, block.shapes))
+            blocks.append(share_flat_storage(own) if free else None)
+        return blocks
 
     def _index(self, base: str, source: str, b: int, base_t: torch.Tensor, source_t: torch.Tensor) -> MagnitudeIndex:
         """The magnitude index of ``source - base`` over block ``b``, built on first use."""

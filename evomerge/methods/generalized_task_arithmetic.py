@@ -94,7 +94,8 @@ def ordered_sum(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor], with_divisor: bool):
+def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor], with_divisor: bool,
+                   nonnegative: bool | None = None):
     """TIES disjoint merge of stacked weighted deltas (consumes ``weighted``).
 
     The elected sign ``e`` is + where the sum is >= 0, else -. An entry agrees
@@ -102,13 +103,22 @@ def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor
     contribution and ``sign(relu(x * e))`` its agreement; the divisor sums the
     weights of agreeing entries (exact 0 -> 1). Float passes only: boolean masks
     are several times slower on CPU. A weight may be a tensor of per-entry
-    weights (several tensors merged at once, each with its own weight).
+    weights (several tensors merged at once, each with its own weight); then
+    ``nonnegative`` must say whether all weights are >= 0 (reading that from the
+    tensors would wait for the device).
     """
     elected = ordered_sum(weighted).sign_().add_(0.5).sign_()
-    mixed = torch.zeros_like(elected)
-    divisor = torch.zeros_like(elected) if with_divisor else None
+    mixed = divisor = None
     for row, w in zip(weighted, weight):
         agreeing = row.mul_(elected).relu_()
+        # 0 + x is x for these non-negative floats: the first row starts both running sums
+        if mixed is None:
+            mixed = agreeing
+            if with_divisor:
+                divisor = torch.sign(agreeing)
+                if isinstance(w, torch.Tensor) or w != 1:
+                    divisor.mul_(w)
+            continue
         mixed.add_(agreeing)
         if with_divisor:
             # agreement is 0 or 1, so the product is exact and either form adds the same float
@@ -118,7 +128,9 @@ def sign_consensus(weighted: torch.Tensor, weight: Sequence[float | torch.Tensor
                 divisor.add_(agreeing.sign_(), alpha=w)
     mixed.mul_(elected)
     if with_divisor:
-        if all(bool((w >= 0).all()) if isinstance(w, torch.Tensor) else w >= 0 for w in weight):
+        if nonnegative is None:
+            nonnegative = all(w >= 0 for w in weight)
+        if nonnegative:
             # Non-negative weights: the divisor is 0 only where nothing agrees and
             # the sum is 0 too, so any positive floor gives mixed / floor = 0.
             divisor.clamp_(min=1e-30)

@@ -15,11 +15,11 @@ kept lowest index first, so exactly k survive), hence bit-identical results.
 
 from __future__ import annotations
 
+import itertools
 import sys
 
+import numpy as np
 import torch
-
-from evomerge.methods.sparsify import where_equal
 
 _SEG = 1 << 40  # segment stride in the packed cumulative keys (more than any tensor's entry count)
 
@@ -50,39 +50,40 @@ def expand(values, sizes, *, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 class MagnitudeIndex:
-    """Bucketed magnitude counts of the tensors of one block (see the module doc)."""
+    """Bucketed magnitude counts of the tensors of one block (see the module doc).
+
+    The counts live in host memory: a cut's bucket, its member count and the
+    sorted position of the k-th largest are looked up there, so trimming on CUDA
+    never waits for the device (the members are found with a known count).
+    """
 
     def __init__(self, magnitude: torch.Tensor, sizes: list[int]) -> None:
         self.sizes = list(sizes)
-        device = magnitude.device
-        starts = [0]
-        for n in sizes:
-            starts.append(starts[-1] + n)
-        self.offsets = starts
-        self.starts = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.offsets = list(itertools.accumulate(sizes, initial=0))
+        self.starts = torch.tensor(self.offsets, dtype=torch.int64, device=magnitude.device)
         high = high_half(magnitude)
         keys, buckets, first = [], [], [0]
-        for s, (a, b) in enumerate(zip(starts, starts[1:])):
-            counts = torch.bincount(high[a:b])
-            occupied = counts.nonzero().squeeze(1).flip(0)  # buckets, largest magnitudes first
-            keys.append(counts[occupied].cumsum(0) + s * _SEG)
+        for s, (a, b) in enumerate(itertools.pairwise(self.offsets)):
+            counts = torch.bincount(high[a:b]).cpu().numpy()
+            occupied = np.flatnonzero(counts)[::-1]  # buckets, largest magnitudes first
+            keys.append(counts[occupied].cumsum() + s * _SEG)
             buckets.append(occupied)
-            first.append(first[-1] + occupied.numel())
-        self.keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64, device=device)
-        self.buckets = torch.cat(buckets).to(torch.int64) if buckets else self.keys.clone()
-        self.first = torch.tensor(first, dtype=torch.int64, device=device)
+            first.append(first[-1] + occupied.size)
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+        self.buckets = np.concatenate(buckets).astype(np.int64) if buckets else self.keys.copy()
+        self.first = np.asarray(first, dtype=np.int64)
 
     @property
     def nbytes(self) -> int:
-        """Memory the index holds."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.buckets, self.first, self.starts))
+        """Memory the index holds (host and device)."""
+        return self.keys.nbytes + self.buckets.nbytes + self.first.nbytes + self.starts.numel() * 8
 
     def trim_(self, magnitude: torch.Tensor, ks: list[int]) -> torch.Tensor:
         """Zero all but the ``ks[s]`` largest entries of each tensor ``s`` of ``magnitude``, in place.
 
-        ``magnitude`` must hold the very values the index was built from. The
-        bookkeeping stays on the device: one host sync (the bucket members'
-        count) per call, and no per-tensor kernel launches.
+        ``magnitude`` must hold the very values the index was built from. On
+        CUDA nothing waits for the device: the bookkeeping is done on the host
+        and the kernels are queued.
         """
         sizes = self.sizes
         device = magnitude.device
@@ -93,15 +94,14 @@ class MagnitudeIndex:
             if any(b > 0 for b in bound_of):
                 self._zero_at_or_below_(magnitude, _on(bound_of, torch.float32, device))
             return magnitude
-        segs = _on(need, torch.int64, device)
-        k = _on([ks[s] for s in need], torch.int64, device)
-        pos = torch.searchsorted(self.keys, segs * _SEG + k)
+        segs = np.asarray(need, dtype=np.int64)
+        k = np.asarray([ks[s] for s in need], dtype=np.int64)
+        # the bucket holding each tensor's k-th largest, the entries above it and in it
+        pos = np.searchsorted(self.keys, segs * _SEG + k)
         bucket = self.buckets[pos]
-        above = torch.where(pos > self.first[segs], self.keys[(pos - 1).clamp(min=0)] - segs * _SEG, 0)
-        # members of each tensor's chosen bucket, over the whole block in one pass (-1 matches nothing)
-        target = torch.full((len(sizes),), -1, dtype=torch.int16, device=device)
-        target[segs] = bucket.to(torch.int16)
-        members = where_equal(high_half(magnitude), self._per_entry(target))
+        above = np.where(pos > self.first[segs], self.keys[pos - 1] - segs * _SEG, 0)
+        count = self.keys[pos] - segs * _SEG - above
+        members = self._members(high_half(magnitude), need, bucket.tolist(), count.tolist())
         seg_of = torch.searchsorted(self.starts, members, right=True) - 1
         low = magnitude.view(torch.int32)[members] & 0xFFFF
         # within a tensor: largest first; stable, so equal values stay in index order. int32 keys
@@ -109,23 +109,42 @@ class MagnitudeIndex:
         key_dtype = torch.int32 if len(sizes) < 1 << 15 else torch.int64
         order_key, perm = torch.sort((seg_of * (1 << 16) + (0xFFFF - low)).to(key_dtype), stable=True)
         members = members[perm]
-        p = torch.searchsorted(order_key, (segs * (1 << 16)).to(key_dtype)) + (k - above) - 1
+        # sorted position of each tensor's k-th largest: its members follow those of earlier tensors
+        p = _on((np.cumsum(count) - count + (k - above) - 1).tolist(), torch.int64, device)
+        segs_t = _on(need, torch.int64, device)
         cut_key = order_key[p]
-        cut_bits = (bucket << 16) | (0xFFFF - (cut_key - segs * (1 << 16)))
-        cut = cut_bits.to(torch.int32).view(torch.float32)
         bounds = _on(bound_of, torch.float32, device)
-        bounds[segs] = torch.nextafter(cut, torch.full_like(cut, -1.0))
-        self._zero_at_or_below_(magnitude, bounds)
-        # entries equal to the cut beyond the k kept: sorted positions after p, within the cut's run
+        cut = magnitude[members[p]]
+        bounds[segs_t] = torch.nextafter(cut, torch.full_like(cut, -1.0))
+        # entries equal to the cut beyond the k kept: later in sorted order, with the cut's key
         last_kept = torch.full((len(sizes),), members.numel(), dtype=torch.int64, device=device)
-        last_kept[segs] = p
-        run_end = torch.zeros(len(sizes), dtype=torch.int64, device=device)
-        run_end[segs] = torch.searchsorted(order_key, cut_key, right=True)
+        last_kept[segs_t] = p
+        cut_of = torch.full((len(sizes),), -1, dtype=key_dtype, device=device)
+        cut_of[segs_t] = cut_key
+        self._zero_at_or_below_(magnitude, bounds)
         seg_sorted = (order_key >> 16).long()
         j = torch.arange(members.numel(), device=device)
-        dropped = (j > last_kept[seg_sorted]) & (j < run_end[seg_sorted])
+        dropped = (j > last_kept[seg_sorted]) & (order_key == cut_of[seg_sorted])
         magnitude.index_put_((members,), magnitude[members].masked_fill_(dropped, 0.0))
         return magnitude
+
+    def _members(self, high: torch.Tensor, need: list[int], bucket: list[int], count: list[int]) -> torch.Tensor:
+        """Ascending indices of the entries of each tensor ``need[q]`` whose high half is ``bucket[q]``.
+
+        On a CPU one NumPy scan per tensor; on CUDA one compare over the block
+        against per-entry targets, gathered with the total count known up front
+        (``nonzero_static``: no host sync).
+        """
+        if high.device.type == "cpu":
+            values = high.numpy()
+            parts = [np.flatnonzero(values[self.offsets[s]:self.offsets[s + 1]] == v) + self.offsets[s]
+                     for s, v in zip(need, bucket)]
+            return torch.from_numpy(np.concatenate(parts))
+        target = [-1] * len(self.sizes)  # -1 matches nothing
+        for s, v in zip(need, bucket):
+            target[s] = v
+        per_entry = expand(target, self.sizes, dtype=torch.int16, device=high.device)
+        return torch.nonzero_static(high == per_entry, size=sum(count)).squeeze(1)
 
     def _per_entry(self, values: torch.Tensor) -> torch.Tensor:
         """One value per tensor (a tensor on the device) repeated over that tensor's entries."""
