@@ -168,3 +168,17 @@ def test_blockwise_route_equals_export_for_every_placement_and_block_size(tiny_z
     converted = Recipe.model_validate({**task_vector_candidates(tiny_zoo)[1], "dtype": "bfloat16"})
     assert_state_equals(merger.materialize(converted), exported(converted, tmp_path, "bf16", device))
     assert not routed
+
+
+def test_fused_route_equals_export(tiny_zoo, tmp_path, monkeypatch):
+    """The compiled CPU kernels (forced on, for spans of any size) give export's floats, run after run."""
+    from evomerge.materialize import fused
+
+    monkeypatch.setattr(fused, "MIN_NUMEL", 2)
+    compiled = []
+    real = fused._run
+    monkeypatch.setattr(fused, "_run", lambda name, *a, **k: compiled.append(name) or real(name, *a, **k))
+    m = tiny_zoo.models
+    merger = ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu", fused=True)
+    assert_equal_to_export_twice(merger, [Recipe.model_validate(c) for c in task_vector_candidates(tiny_zoo)], tmp_path)
+    assert {"magnitude", "merge"} <= set(compiled) and not fused._broken

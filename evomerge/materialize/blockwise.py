@@ -15,11 +15,13 @@ rounding (L1 rescale sums, divisions by a per-tensor total) stays per tensor.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from evomerge.materialize import fused
 from evomerge.materialize.pool import Block
 from evomerge.methods import sparsify
 from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
@@ -49,14 +51,17 @@ def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> M
 
 def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
                 *, method: str, generators: Sequence[torch.Generator] | None = None,
-                indexes: Sequence[MagnitudeIndex] | None = None) -> torch.Tensor:
-    """The float32 merge of every tensor of ``block`` (flat), as export computes it tensor by tensor.
+                indexes: Sequence[MagnitudeIndex] | None = None, fused: bool = False) -> torch.Tensor:
+    """The merge of every tensor of ``block`` (flat, in the base's dtype), as export computes it tensor by tensor.
 
     ``kwargs[s]`` are the planned kernel arguments of tensor ``s``; ``generators``
     (DARE) are the per-tensor generators export would seed; ``indexes`` (TIES)
-    one per source.
+    one per source. ``fused``: the tail after the weighted deltas runs through
+    ``materialize.fused`` per run of tensors sharing their parameters.
     """
     sparsifier, consensus = BLOCKWISE[method]
+    if fused and sparsifier != "random" and not (sparsifier and any(kw["rescale"] for kw in kwargs)):
+        return _merge_fused(block, base, sources, kwargs, consensus, indexes)
     sizes = block.sizes
     device = base.device
     base32 = base.float()
@@ -100,7 +105,35 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
     lam = per_entry([kw["lambda_"] for kw in kwargs], sizes, device)
     if not (isinstance(lam, float) and lam == 1):
         mixed.mul_(lam)
-    return mixed.add_(base32)
+    return mixed.add_(base32).to(base.dtype)
+
+
+def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs, consensus: bool,
+                 indexes: Sequence[MagnitudeIndex] | None) -> torch.Tensor:
+    """``merge_block`` through ``materialize.fused``: trimmed magnitudes per source, then one
+    ``fused.merge`` per run of consecutive tensors whose parameters are equal."""
+    magnitudes = []
+    for i, source in enumerate(sources):
+        ks = [int(kw["density"][i] * n) if kw["density"][i] < 1 else n for kw, n in zip(kwargs, block.sizes)] \
+            if indexes is not None else list(block.sizes)
+        trimmed = any(k < n for k, n in zip(ks, block.sizes))
+        magnitudes.append(indexes[i].trim_(fused.magnitude(base, source), ks) if trimmed else None)
+    out = torch.empty(block.numel, dtype=base.dtype, device=base.device)
+
+    def params(span_kwargs):
+        kw = span_kwargs[1]
+        return tuple(kw["weight"]), bool(kw["normalize"]), kw["lambda_"]
+
+    start = 0
+    for (weight, normalize, lam), run in itertools.groupby(zip(block.spans, kwargs), key=params):
+        end = list(run)[-1][0][1]
+        total = float(sum(weight))
+        divisor = (1.0 if abs(total) < 1e-8 else total) if normalize else 1.0
+        out[start:end] = fused.merge(
+            base[start:end], [t[start:end] for t in sources], [m if m is None else m[start:end] for m in magnitudes],
+            consensus=consensus, weight=list(weight), normalize=normalize, divisor=divisor, lam=lam)
+        start = end
+    return out
 
 
 def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, index: MagnitudeIndex) -> None:

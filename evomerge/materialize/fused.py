@@ -1,0 +1,135 @@
+"""Task-vector merges of the resident merger as compiled passes over the source weights (CPU).
+
+A TIES candidate made of eager operations reads and writes each block ~60
+times: per source the task vector, its magnitude, the trim, the sign, the
+weight; then the sign election, agreement, divisor, lambda, base and cast. On a
+CPU those passes are memory-bound. Here ``torch.compile`` turns them into two
+kernels: ``magnitude`` (``|source - base|`` in one pass, what the magnitude
+index trims) and ``merge`` (task vectors from the sources, trimmed magnitudes
+signed and weighted, consensus or sum, normalize, lambda, base, cast: one pass
+over a run of tensors that share their parameters). They perform the float
+operations of the eager code (``blockwise.merge_block``, ``sign_consensus``,
+``ordered_sum``) in the same order with one rounding each: Inductor's CPU code
+does not contract multiply-adds, and divides truly, as eager CPU code divides
+by a scalar. The result is equal bit for bit (``tests/test_fused.py``; the
+resident-vs-export tests run with fusion forced on).
+
+CPU only for now: eager CUDA divides by a scalar through its reciprocal, which
+a compiled true division would not reproduce, so the CUDA route stays eager
+until a GPU run proves a compiled one equal. When compiling fails (no C++
+compiler), the eager passes run instead; the failure is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
+
+log = logging.getLogger(__name__)
+
+#: Spans shorter than this run eagerly: a compiled call costs ~30 us whatever its size.
+MIN_NUMEL = 1 << 14
+
+
+def _magnitude(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    return (source.float() - base.float()).abs()
+
+
+def _rows(base32: torch.Tensor, sources, magnitudes, weight) -> list[torch.Tensor]:
+    """Weighted (trimmed) task vectors: ``copysign(trimmed |delta|, delta) * w``, as blockwise computes them."""
+    rows = []
+    for i, source in enumerate(sources):
+        delta = source.float() - base32
+        if magnitudes[i] is not None:
+            delta = torch.copysign(magnitudes[i], delta)
+        rows.append(delta * weight[i])
+    return rows
+
+
+def _merge(base: torch.Tensor, sources, magnitudes, weight: torch.Tensor, floor: torch.Tensor, divisor: torch.Tensor,
+           lam: torch.Tensor, *, consensus: bool, normalize: bool, nonnegative: bool, dtype: torch.dtype):
+    base32 = base.float()
+    rows = _rows(base32, sources, magnitudes, weight)
+    mixed = rows[0] + rows[1] if len(rows) > 1 else rows[0]
+    for row in rows[2:]:
+        mixed = mixed + row
+    if consensus:
+        elected = torch.sign(torch.sign(mixed) + 0.5)
+        mixed = agreement = None
+        for i, row in enumerate(rows):
+            agreeing = torch.relu(row * elected)
+            mixed = agreeing if mixed is None else mixed + agreeing
+            share = torch.sign(agreeing) * weight[i]
+            agreement = share if agreement is None else agreement + share
+        mixed = mixed * elected
+        if normalize:
+            agreement = torch.clamp(agreement, min=floor) if nonnegative else torch.where(agreement == 0, 1.0, agreement)
+            mixed = mixed / agreement
+    else:
+        mixed = mixed / divisor
+    return (mixed * lam + base32).to(dtype)
+
+
+@functools.cache
+def _compiled(name: str):
+    # one compiled variant per dtype, source count and flag combination a search uses: allow more than
+    # dynamo's default 8 before it falls back to running the Python eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile({"magnitude": _magnitude, "merge": _merge}[name], dynamic=True)
+
+
+_broken = False
+
+
+def _run(name: str, *args, **kwargs):
+    """The compiled ``name`` on ``args``; ``None`` off a CPU, for short spans, or when compiling failed."""
+    global _broken
+    if _broken or args[0].device.type != "cpu" or args[0].numel() < MIN_NUMEL:
+        return None
+    try:
+        return _compiled(name)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 -- any compiler failure falls back to the eager passes
+        _broken = True
+        log.warning("fused merge kernels unavailable (%s: %s); using eager passes", type(exc).__name__, exc)
+        return None
+
+
+def magnitude(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``|source - base|`` in float32 (what TIES trims), in one pass where compiled."""
+    out = _run("magnitude", base, source)
+    return out if out is not None else task_vector(base.float(), source).abs_()
+
+
+def merge(base: torch.Tensor, sources, magnitudes, *, consensus: bool, weight: list[float], normalize: bool,
+          divisor: float, lam: float) -> torch.Tensor:
+    """One span's merge in the base's dtype, from the sources and their trimmed magnitudes.
+
+    ``magnitudes[i]`` is source i's ``|delta|`` with the entries TIES drops set
+    to 0, or ``None`` when nothing is dropped; ``weight`` are the sources'
+    weights (the consensus divisor sums those that agree), ``divisor`` the sum's
+    normalizer without consensus (1: none). Compiled on a CPU for spans of at
+    least ``MIN_NUMEL`` entries, eager otherwise; both give the same floats.
+    """
+    nonnegative = all(w >= 0 for w in weight)
+    scalar = functools.partial(torch.tensor, dtype=torch.float32)
+    out = _run("merge", base, list(sources), list(magnitudes), scalar(weight), scalar(1e-30), scalar(divisor),
+               scalar(lam), consensus=consensus, normalize=normalize, nonnegative=nonnegative, dtype=base.dtype)
+    if out is not None:
+        return out
+    base32 = base.float()
+    rows = torch.stack(_rows(base32, sources, magnitudes, weight))
+    if consensus:
+        mixed, agreement = sign_consensus(rows, weight, normalize, nonnegative)
+        if normalize:
+            mixed.div_(agreement)
+    else:
+        mixed = ordered_sum(rows)
+        if divisor != 1:
+            mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base32).to(base.dtype)
