@@ -2,8 +2,9 @@
 
 For the small and medium LM zoos, times a few TIES candidates in the same run:
 `ResidentMerger.materialize` (in place into one live model; blockwise with the
-pool on the device, the per-tensor export kernels on the same pool, blockwise
-with the pool read from disk per candidate) and the disk round trip a search
+pool on the device -- on a CPU with the compiled kernels of `materialize.fused`
+where the model is large enough, and without them --, the per-tensor export
+kernels on the same pool, blockwise with the pool read from disk per candidate) and the disk round trip a search
 without it would do (`evomerge merge` to a temp dir, then `from_pretrained`).
 Prints seconds per candidate, ratios against the disk round trip, the
 effective memory traffic, the memory plan and the magnitude indexes' size. On the small zoo it also times one lm-eval scoring
@@ -65,7 +66,12 @@ def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
     merger = ResidentMerger(zoo.models["base"], sources, device=device)
     synchronize(device)
     setup = time.perf_counter() - start
-    rows = [("resident, blockwise (device)", per_candidate(merger.materialize, recipes, device)),
+    rows = [("resident, blockwise (device)", per_candidate(merger.materialize, recipes, device))]
+    if merger.fused:  # what the compiled CPU kernels save over eager passes
+        eager = ResidentMerger(zoo.models["base"], sources, device=device, fused=False)
+        rows.append(("  same, eager passes", per_candidate(eager.materialize, recipes, device)))
+        del eager
+    rows += [
             # the per-tensor route (export's kernels, job by job) on the same resident pool
             ("resident, per-tensor jobs", per_candidate(
                 lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes, device))]

@@ -22,8 +22,8 @@ from evomerge.io.model_dir import ModelDir
 #: Default block size in entries (16 MB of float32 workspace per model row).
 BLOCK_NUMEL = 1 << 22
 #: Default block size on CUDA (256 MB of float32 workspace per model row). A block costs a few
-#: dozen kernel launches and host syncs whatever its size; with 4M-entry blocks a 250M-parameter
-#: candidate spent 4x longer launching kernels than the H100 spent running them.
+#: dozen kernel launches whatever its size; with 4M-entry blocks (and, then, host syncs per block)
+#: a 250M-parameter candidate spent 4x longer launching kernels than the H100 spent running them.
 CUDA_BLOCK_NUMEL = 1 << 26
 
 

@@ -8,7 +8,7 @@ cumulative counts -- typically a few thousand numbers per tensor, whatever its
 size, so the index adds well under 1% to the pool for real models. For a
 density it looks up, per tensor, the bucket holding the k-th largest magnitude
 and how many entries lie above it; the exact cut then only needs that bucket's
-members, found for every tensor of the block in one compare pass. The cut and
+members, found by one compare pass over the block. The cut and
 its tie handling are those of ``sparsify.RankCut`` (entries equal to the cut are
 kept lowest index first, so exactly k survive), hence bit-identical results.
 """
