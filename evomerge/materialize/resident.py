@@ -260,7 +260,7 @@ class ResidentMerger:
                 for name, shape, a, n in zip(block.names, block.shapes, block.offsets, block.sizes):
                     self._targets[name].copy_(out[a:a + n].view(shape))
                 live = out
-            sums.append(live.sum().float())
+            sums.append(live.sum(dtype=torch.float32))  # float16 sums of finite entries could overflow
         # one finiteness check per candidate (a host sync per block would idle a GPU); a candidate
         # that fails it has been written, and the next one rewrites every tensor
         if not _all_finite(torch.stack(sums)):
