@@ -4,11 +4,13 @@ For the small and medium LM zoos, times a few TIES candidates in the same run:
 `ResidentMerger.materialize` (in place into one live model; blockwise with the
 pool on the device -- on a CPU with the compiled kernels of `materialize.fused`
 where the model is large enough, and without them --, the per-tensor export
-kernels on the same pool, blockwise with the pool read from disk per candidate) and the disk round trip a search
-without it would do (`evomerge merge` to a temp dir, then `from_pretrained`).
-Prints seconds per candidate, ratios against the disk round trip, the
-effective memory traffic, the memory plan and the magnitude indexes' size. On the small zoo it also times one lm-eval scoring
-of a candidate and splits it into model forward time and harness overhead.
+kernels on the same pool, blockwise with the pool read from disk per
+candidate) and the disk round trip a search without it would do (`evomerge
+merge` to a temp dir, then `from_pretrained`). Prints seconds per candidate,
+ratios against the disk round trip, the effective memory traffic, the memory
+plan and the magnitude indexes' size. On the small zoo it also times one
+lm-eval scoring of a candidate and splits it into model forward time and
+harness overhead.
 
     python benchmarks/materialize.py [--sizes small medium] [--candidates 3] [--device cuda] [--no-eval]
 """
@@ -71,10 +73,9 @@ def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
         eager = ResidentMerger(zoo.models["base"], sources, device=device, fused=False)
         rows.append(("  same, eager passes", per_candidate(eager.materialize, recipes, device)))
         del eager
-    rows += [
-            # the per-tensor route (export's kernels, job by job) on the same resident pool
-            ("resident, per-tensor jobs", per_candidate(
-                lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes, device))]
+    # the per-tensor route (export's kernels, job by job) on the same resident pool
+    rows.append(("resident, per-tensor jobs", per_candidate(
+        lambda r: merger._write(plan_merge(r, merger.pool), r, None), recipes, device)))
     if default_block_numel(device) != BLOCK_NUMEL:  # what the larger CUDA blocks save in launches
         small_blocks = ResidentMerger(zoo.models["base"], sources, device=device, block_numel=BLOCK_NUMEL)
         rows.append((f"  same, {BLOCK_NUMEL >> 20}M-entry blocks", per_candidate(small_blocks.materialize, recipes, device)))

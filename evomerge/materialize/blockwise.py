@@ -44,6 +44,11 @@ def per_entry(values: Sequence[float], sizes: Sequence[int], device) -> float | 
     return expand(values, sizes, dtype=torch.float32, device=device)
 
 
+def keep_counts(density: Sequence[float], sizes: Sequence[int]) -> list[int]:
+    """Entries TIES keeps per tensor at these densities (as ``sparsify.magnitude`` counts them)."""
+    return [int(d * n) if d < 1 else n for d, n in zip(density, sizes)]
+
+
 def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:
     """The index of ``|source - base|`` over ``block`` (both flat, on one device)."""
     return MagnitudeIndex(task_vector(base.float(), source).abs_(), block.sizes)
@@ -114,8 +119,7 @@ def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tenso
     ``fused.merge`` per run of consecutive tensors whose parameters are equal."""
     magnitudes = []
     for i, source in enumerate(sources):
-        ks = [int(kw["density"][i] * n) if kw["density"][i] < 1 else n for kw, n in zip(kwargs, block.sizes)] \
-            if indexes is not None else list(block.sizes)
+        ks = keep_counts([kw["density"][i] for kw in kwargs], block.sizes) if indexes is not None else block.sizes
         trimmed = any(k < n for k, n in zip(ks, block.sizes))
         magnitudes.append(indexes[i].trim_(fused.magnitude(base, source), ks) if trimmed else None)
     out = torch.empty(block.numel, dtype=base.dtype, device=base.device)
@@ -145,7 +149,7 @@ def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, inde
     magnitude = delta.abs()
     rescaled = [s for s in trimmed if kwargs[s]["rescale"]]
     before = {s: float(magnitude[slice(*spans[s])].sum()) for s in rescaled if kwargs[s]["rescale_method"] == "l1"}
-    index.trim_(magnitude, [int(d * n) if d < 1 else n for d, n in zip(density, block.sizes)])
+    index.trim_(magnitude, keep_counts(density, block.sizes))
     torch.copysign(magnitude, delta, out=delta)
     for s in rescaled:
         sparsify.rescale_(delta[slice(*spans[s])], before.get(s, 0.0), True, kwargs[s]["rescale_method"], density[s])

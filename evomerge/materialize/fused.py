@@ -50,28 +50,17 @@ def _rows(base32: torch.Tensor, sources, magnitudes, weight) -> list[torch.Tenso
     return rows
 
 
-def _merge(base: torch.Tensor, sources, magnitudes, weight: torch.Tensor, floor: torch.Tensor, divisor: torch.Tensor,
-           lam: torch.Tensor, *, consensus: bool, normalize: bool, nonnegative: bool, dtype: torch.dtype):
+def _merge(base: torch.Tensor, sources, magnitudes, weight: torch.Tensor, divisor: torch.Tensor, lam: torch.Tensor,
+           *, consensus: bool, normalize: bool, nonnegative: bool) -> torch.Tensor:
     base32 = base.float()
     rows = _rows(base32, sources, magnitudes, weight)
-    mixed = rows[0] + rows[1] if len(rows) > 1 else rows[0]
-    for row in rows[2:]:
-        mixed = mixed + row
     if consensus:
-        elected = torch.sign(torch.sign(mixed) + 0.5)
-        mixed = agreement = None
-        for i, row in enumerate(rows):
-            agreeing = torch.relu(row * elected)
-            mixed = agreeing if mixed is None else mixed + agreeing
-            share = torch.sign(agreeing) * weight[i]
-            agreement = share if agreement is None else agreement + share
-        mixed = mixed * elected
+        mixed, agreement = sign_consensus(rows, list(weight), normalize, nonnegative)
         if normalize:
-            agreement = torch.clamp(agreement, min=floor) if nonnegative else torch.where(agreement == 0, 1.0, agreement)
             mixed = mixed / agreement
     else:
-        mixed = mixed / divisor
-    return (mixed * lam + base32).to(dtype)
+        mixed = ordered_sum(rows) / divisor
+    return (mixed * lam + base32).to(base.dtype)
 
 
 @functools.cache
@@ -114,22 +103,8 @@ def merge(base: torch.Tensor, sources, magnitudes, *, consensus: bool, weight: l
     normalizer without consensus (1: none). Compiled on a CPU for spans of at
     least ``MIN_NUMEL`` entries, eager otherwise; both give the same floats.
     """
-    nonnegative = all(w >= 0 for w in weight)
     scalar = functools.partial(torch.tensor, dtype=torch.float32)
-    out = _run("merge", base, list(sources), list(magnitudes), scalar(weight), scalar(1e-30), scalar(divisor),
-               scalar(lam), consensus=consensus, normalize=normalize, nonnegative=nonnegative, dtype=base.dtype)
-    if out is not None:
-        return out
-    base32 = base.float()
-    rows = torch.stack(_rows(base32, sources, magnitudes, weight))
-    if consensus:
-        mixed, agreement = sign_consensus(rows, weight, normalize, nonnegative)
-        if normalize:
-            mixed.div_(agreement)
-    else:
-        mixed = ordered_sum(rows)
-        if divisor != 1:
-            mixed.div_(divisor)
-    if lam != 1:
-        mixed.mul_(lam)
-    return mixed.add_(base32).to(base.dtype)
+    args = (base, list(sources), list(magnitudes), scalar(weight), scalar(divisor), scalar(lam))
+    flags = dict(consensus=consensus, normalize=normalize, nonnegative=all(w >= 0 for w in weight))
+    out = _run("merge", *args, **flags)
+    return out if out is not None else _merge(*args, **flags)

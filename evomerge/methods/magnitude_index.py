@@ -146,11 +146,6 @@ class MagnitudeIndex:
         per_entry = expand(target, self.sizes, dtype=torch.int16, device=high.device)
         return torch.nonzero_static(high == per_entry, size=sum(count)).squeeze(1)
 
-    def _per_entry(self, values: torch.Tensor) -> torch.Tensor:
-        """One value per tensor (a tensor on the device) repeated over that tensor's entries."""
-        parts = values.tolist() if values.device.type == "cpu" else values.unbind()
-        return expand(parts, self.sizes, dtype=values.dtype, device=values.device)
-
     def _zero_at_or_below_(self, magnitude: torch.Tensor, bounds: torch.Tensor) -> None:
         """Zero each tensor's entries at or below its bound (-inf: none, +inf: all).
 
@@ -160,7 +155,8 @@ class MagnitudeIndex:
         fails its finite check), the threshold zeroes them.
         """
         if magnitude.device.type != "cpu":
-            magnitude.masked_fill_(magnitude <= self._per_entry(bounds), 0.0)
+            per_entry = expand(bounds.unbind(), self.sizes, dtype=bounds.dtype, device=bounds.device)
+            magnitude.masked_fill_(magnitude <= per_entry, 0.0)
             return
         for a, b, bound in zip(self.offsets, self.offsets[1:], bounds.tolist()):
             if bound == float("inf"):

@@ -23,16 +23,14 @@ RESCALE_METHODS = ("l1", "inverse_density")
 SMALL = 1 << 15
 
 
-def where_equal(values: torch.Tensor, value: int | torch.Tensor) -> torch.Tensor:
-    """Indices (ascending, int64) of the entries of a flat integer tensor equal to ``value``
-    (a number, or a tensor of the same shape compared entry by entry).
+def where_equal(values: torch.Tensor, value: int) -> torch.Tensor:
+    """Indices (ascending, int64) of the entries of a flat integer tensor equal to ``value``.
 
     On a CPU through NumPy, whose compare and scan are ~6x faster than torch's
     ``==`` and ``nonzero`` here (0.42 ms against 2.6 ms for 2.9M int16).
     """
     if values.device.type == "cpu":
-        other = value.numpy() if isinstance(value, torch.Tensor) else value
-        return torch.from_numpy(np.flatnonzero(values.numpy() == other))
+        return torch.from_numpy(np.flatnonzero(values.numpy() == value))
     return (values == value).nonzero().squeeze(1)
 
 
