@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from evomerge.materialize import fused
+from evomerge.methods.generalized_task_arithmetic import task_vector
+from evomerge.methods.magnitude_index import high_half
 
 
 def inputs(n, dtype, seed):
@@ -19,12 +21,16 @@ def inputs(n, dtype, seed):
     return base, sources
 
 
-def trimmed(base, source, keep):
-    """``|source - base|`` with all but the ``keep`` fraction largest set to 0, or None (nothing trimmed)."""
+def cut(base, source, keep, at_ties=False):
+    """A TIES cut keeping about ``keep`` of ``|source - base|`` (None: keep all): the magnitude at that
+    quantile, or the magnitude repeated at every 11th entry (``inputs``) with the ties after the middle
+    dropped."""
     if keep >= 1:
         return None
-    magnitude = fused.magnitude(base, source)
-    return torch.where(magnitude >= magnitude.quantile(1 - keep), magnitude, 0.0)
+    magnitude = (source.float() - base.float()).abs()
+    if at_ties:
+        return float(magnitude[1]), magnitude.numel() // 2
+    return float(magnitude.quantile(1 - keep)), magnitude.numel()
 
 
 CASES = [
@@ -33,6 +39,7 @@ CASES = [
     dict(consensus=True, weight=[0.5, 0.5, 0.2], normalize=False, lam=1.3, keep=[1.0, 1.0, 1.0]),
     dict(consensus=False, weight=[0.3, 0.3, 0.3], normalize=True, lam=1.7, keep=[1.0, 1.0, 1.0]),
     dict(consensus=False, weight=[1.0, 0.25, 0.1], normalize=False, lam=1.0, keep=[1.0, 1.0, 1.0]),
+    dict(consensus=True, weight=[0.5, 0.7, 0.6], normalize=True, lam=1.1, keep=[0.4, 1.0, 0.7], at_ties=True),
 ]
 
 
@@ -41,24 +48,22 @@ CASES = [
 def test_compiled_merge_equals_eager_passes(dtype, case, monkeypatch):
     params = CASES[case]
     base, sources = inputs(fused.MIN_NUMEL * 4 + 3, dtype, seed=case)
-    magnitudes = [trimmed(base, s, k) for s, k in zip(sources, params["keep"])]
+    cuts = [cut(base, s, k, params.get("at_ties", False)) for s, k in zip(sources, params["keep"])]
     total = sum(params["weight"])
     kwargs = dict(consensus=params["consensus"], weight=params["weight"], normalize=params["normalize"],
                   divisor=total if params["normalize"] else 1.0, lam=params["lam"])
     calls = []
     real = fused._compiled
     monkeypatch.setattr(fused, "_compiled", lambda name: calls.append(name) or real(name))
-    compiled = fused.merge(base, sources, [m if m is None else m.clone() for m in magnitudes], **kwargs)
+    compiled = fused.merge(base, sources, cuts, **kwargs)
     assert calls == ["merge"] and not fused._broken
     monkeypatch.setattr(fused, "MIN_NUMEL", 1 << 40)  # every span eager
-    eager = fused.merge(base, sources, magnitudes, **kwargs)
+    eager = fused.merge(base, sources, cuts, **kwargs)
     assert compiled.dtype == dtype and torch.equal(compiled, eager)
     assert not torch.equal(compiled, base)
 
 
 def test_compiled_magnitude_equals_the_task_vector_magnitude():
-    from evomerge.methods.generalized_task_arithmetic import task_vector
-
     base, sources = inputs(fused.MIN_NUMEL + 5, torch.bfloat16, seed=7)
     assert torch.equal(fused.magnitude(base, sources[0]), task_vector(base.float(), sources[0]).abs())
 
@@ -75,3 +80,31 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog):
     monkeypatch.setattr(fused, "_broken", False)
     assert torch.equal(fused.merge(base, sources, [None] * 3, **kwargs), want)
     assert fused._broken and "no C++ compiler" in caplog.text
+
+
+def test_fused_block_merge_equals_the_eager_route_with_ties_at_the_cuts(monkeypatch):
+    """TIES cuts applied inside the compiled merge, surplus ties merged again: the eager route's floats."""
+    from evomerge.materialize.blockwise import magnitude_index, merge_block
+    from evomerge.materialize.pool import Block
+
+    monkeypatch.setattr(fused, "MIN_NUMEL", 2)  # short tensors compiled too
+    sizes = (3, 5000, 20000, 40000, 1, 7000)
+    block = Block("bfloat16", tuple(f"t{s}" for s in range(len(sizes))), tuple((n,) for n in sizes), sizes)
+    base, sources = inputs(block.numel, torch.bfloat16, seed=11)  # bf16 deltas: few distinct magnitudes
+    # NaN (a broken source) survives a cut and a whole tensor, not a tensor cut to nothing (source 0, tensor 5)
+    sources[1][10] = sources[0][block.offsets[5] + 3] = float("nan")
+    indexes = [magnitude_index(block, base, s) for s in sources]
+    surplus = 0
+    for densities in ([0.3, 0.5, 0.9], [[1.0, 0.6, 0.1, 0.7, 0.5, 0.0], [0.2] * 6, [1.0] * 6], [0.05, 1.0, 0.5]):
+        per_tensor = [d if isinstance(d, list) else [d] * len(sizes) for d in densities]
+        kwargs = [{"weight": [0.7, 0.4 + 0.1 * s, -0.3], "density": [d[s] for d in per_tensor],
+                   "normalize": s != 2, "lambda_": 1.0 if s < 3 else 1.2, "rescale": False, "rescale_method": "l1"}
+                  for s in range(len(sizes))]
+        eager, compiled = (merge_block(block, base, sources, kwargs, method="ties", indexes=indexes, fused=f)
+                           for f in (False, True))
+        assert torch.equal(compiled.view(torch.int16), eager.view(torch.int16)), densities
+        for i, index in enumerate(indexes):
+            ks = [int(kw["density"][i] * n) if kw["density"][i] < 1 else n for kw, n in zip(kwargs, sizes)]
+            magnitude = task_vector(base.float(), sources[i]).abs()
+            surplus += int(index.cut(high_half(magnitude), magnitude.__getitem__, ks).dropped.sum())
+    assert surplus > 100  # cuts fell inside runs of equal magnitudes

@@ -25,7 +25,7 @@ from evomerge.materialize import fused
 from evomerge.materialize.pool import Block
 from evomerge.methods import sparsify
 from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
-from evomerge.methods.magnitude_index import MagnitudeIndex, expand
+from evomerge.methods.magnitude_index import MagnitudeIndex, expand, high_half
 
 #: method -> (sparsifier, sign consensus), as registered in generalized_task_arithmetic
 BLOCKWISE = {
@@ -51,7 +51,7 @@ def keep_counts(density: Sequence[float], sizes: Sequence[int]) -> list[int]:
 
 def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:
     """The index of ``|source - base|`` over ``block`` (both flat, on one device)."""
-    return MagnitudeIndex(task_vector(base.float(), source).abs_(), block.sizes)
+    return MagnitudeIndex(high_half(fused.magnitude(base, source)), block.sizes)
 
 
 def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
@@ -115,28 +115,39 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
 
 def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs, consensus: bool,
                  indexes: Sequence[MagnitudeIndex] | None) -> torch.Tensor:
-    """``merge_block`` through ``materialize.fused``: trimmed magnitudes per source, then one
-    ``fused.merge`` per run of consecutive tensors whose parameters are equal."""
-    magnitudes = []
-    for i, source in enumerate(sources):
-        ks = keep_counts([kw["density"][i] for kw in kwargs], block.sizes) if indexes is not None else block.sizes
-        trimmed = any(k < n for k, n in zip(ks, block.sizes))
-        magnitudes.append(indexes[i].trim_(fused.magnitude(base, source), ks) if trimmed else None)
-    out = torch.empty(block.numel, dtype=base.dtype, device=base.device)
+    """``merge_block`` through ``materialize.fused`` (CPU).
 
-    def params(span_kwargs):
-        kw = span_kwargs[1]
+    Each source's TIES cuts are found from its magnitudes (one compiled pass)
+    and applied inside the merge (per tensor: the k-th largest magnitude and
+    the position of the last tie kept), so no trimmed magnitudes are written.
+    One ``fused.merge`` runs per run of consecutive tensors with equal
+    parameters and cuts.
+    """
+    sizes, offsets = block.sizes, block.offsets
+    cuts = []  # per source and tensor: None (kept whole) or (k-th largest magnitude, its block position)
+    for i, source in enumerate(sources):
+        ks = keep_counts([kw["density"][i] for kw in kwargs], sizes) if indexes is not None else sizes
+        if all(k >= n for k, n in zip(ks, sizes)):
+            cuts.append([None] * len(sizes))
+            continue
+        magnitude = fused.magnitude(base, source)
+        cut = indexes[i].cut(high_half(magnitude), magnitude.__getitem__, ks)
+        cuts.append([None if k >= n else c for c, k, n in zip(zip(cut.values.tolist(), cut.last.tolist()), ks, sizes)])
+
+    def params(s: int) -> tuple:
+        kw = kwargs[s]
         return tuple(kw["weight"]), bool(kw["normalize"]), kw["lambda_"]
 
-    start = 0
-    for (weight, normalize, lam), run in itertools.groupby(zip(block.spans, kwargs), key=params):
-        end = list(run)[-1][0][1]
+    out = torch.empty(block.numel, dtype=base.dtype, device=base.device)
+    for ((weight, normalize, lam), span_cuts), run in itertools.groupby(
+            range(len(sizes)), key=lambda s: (params(s), tuple(c[s] for c in cuts))):
+        run = list(run)
+        a, b = offsets[run[0]], offsets[run[-1] + 1]
         total = float(sum(weight))
         divisor = (1.0 if abs(total) < 1e-8 else total) if normalize else 1.0
-        out[start:end] = fused.merge(
-            base[start:end], [t[start:end] for t in sources], [m if m is None else m[start:end] for m in magnitudes],
+        out[a:b] = fused.merge(
+            base[a:b], [t[a:b] for t in sources], [c if c is None else (c[0], c[1] - a) for c in span_cuts],
             consensus=consensus, weight=list(weight), normalize=normalize, divisor=divisor, lam=lam)
-        start = end
     return out
 
 

@@ -5,14 +5,16 @@ times: per source the task vector, its magnitude, the trim, the sign, the
 weight; then the sign election, agreement, divisor, lambda, base and cast. On a
 CPU those passes are memory-bound. Here ``torch.compile`` turns them into two
 kernels: ``magnitude`` (``|source - base|`` in one pass, what the magnitude
-index trims) and ``merge`` (task vectors from the sources, trimmed magnitudes
-signed and weighted, consensus or sum, normalize, lambda, base, cast: one pass
-over a run of tensors that share their parameters). They perform the float
-operations of the eager code (``blockwise.merge_block``, ``sign_consensus``,
-``ordered_sum``) in the same order with one rounding each: Inductor's CPU code
-does not contract multiply-adds, and divides truly, as eager CPU code divides
-by a scalar. The result is equal bit for bit (``tests/test_fused.py``; the
-resident-vs-export tests run with fusion forced on).
+index finds the cuts in) and ``merge`` (task vectors from the sources, each
+trimmed at its cut -- the k-th largest magnitude and the index of the last tie
+kept -- signed and weighted, consensus or sum, normalize, lambda, base, cast:
+one pass over a run of tensors that share their parameters and cuts). They
+perform the float operations of the eager code (``blockwise.merge_block``,
+``sign_consensus``, ``ordered_sum``) in the same order with one rounding each:
+Inductor's CPU code does not contract multiply-adds, and divides truly, as
+eager CPU code divides by a scalar. The result is equal bit for bit
+(``tests/test_fused.py``; the resident-vs-export tests run with fusion forced
+on).
 
 CPU only for now: eager CUDA divides by a scalar through its reciprocal, which
 a compiled true division would not reproduce, so the CUDA route stays eager
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -39,21 +42,32 @@ def _magnitude(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return (source.float() - base.float()).abs()
 
 
-def _rows(base32: torch.Tensor, sources, magnitudes, weight) -> list[torch.Tensor]:
-    """Weighted (trimmed) task vectors: ``copysign(trimmed |delta|, delta) * w``, as blockwise computes them."""
+def _rows(base32: torch.Tensor, sources, cuts, weight) -> list[torch.Tensor]:
+    """Weighted (trimmed) task vectors: ``copysign(trimmed |delta|, delta) * w``, the floats of
+    blockwise's trim, sign and weight.
+
+    ``cuts[i]`` is ``None`` (source i kept whole) or a (value, last) pair: the
+    entries whose magnitude is below ``value``, or equal to it at an index past
+    ``last``, are dropped (NaN is kept, as by the eager threshold), and all of
+    them when ``value`` is +inf (a tensor cut to nothing).
+    """
     rows = []
     for i, source in enumerate(sources):
         delta = source.float() - base32
-        if magnitudes[i] is not None:
-            delta = torch.copysign(magnitudes[i], delta)
+        if cuts[i] is not None:
+            value, last = cuts[i]
+            magnitude = delta.abs()
+            index = torch.arange(delta.numel(), device=delta.device)
+            drop = (magnitude < value) | ((magnitude == value) & (index > last)) | (value == math.inf)
+            delta = torch.copysign(torch.where(drop, 0.0, magnitude), delta)
         rows.append(delta * weight[i])
     return rows
 
 
-def _merge(base: torch.Tensor, sources, magnitudes, weight: torch.Tensor, divisor: torch.Tensor, lam: torch.Tensor,
+def _merge(base: torch.Tensor, sources, cuts, weight: torch.Tensor, divisor: torch.Tensor, lam: torch.Tensor,
            *, consensus: bool, normalize: bool, nonnegative: bool) -> torch.Tensor:
     base32 = base.float()
-    rows = _rows(base32, sources, magnitudes, weight)
+    rows = _rows(base32, sources, cuts, weight)
     if consensus:
         mixed, agreement = sign_consensus(rows, list(weight), normalize, nonnegative)
         if normalize:
@@ -88,23 +102,25 @@ def _run(name: str, *args, **kwargs):
 
 
 def magnitude(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``|source - base|`` in float32 (what TIES trims), in one pass where compiled."""
+    """``|source - base|`` in float32 (what TIES cuts), in one pass where compiled."""
     out = _run("magnitude", base, source)
     return out if out is not None else task_vector(base.float(), source).abs_()
 
 
-def merge(base: torch.Tensor, sources, magnitudes, *, consensus: bool, weight: list[float], normalize: bool,
+def merge(base: torch.Tensor, sources, cuts, *, consensus: bool, weight: list[float], normalize: bool,
           divisor: float, lam: float) -> torch.Tensor:
-    """One span's merge in the base's dtype, from the sources and their trimmed magnitudes.
+    """One span's merge in the base's dtype, from the sources and their TIES cuts.
 
-    ``magnitudes[i]`` is source i's ``|delta|`` with the entries TIES drops set
-    to 0, or ``None`` when nothing is dropped; ``weight`` are the sources'
-    weights (the consensus divisor sums those that agree), ``divisor`` the sum's
-    normalizer without consensus (1: none). Compiled on a CPU for spans of at
-    least ``MIN_NUMEL`` entries, eager otherwise; both give the same floats.
+    ``cuts[i]``: ``None`` (source i keeps every entry) or ``(value, last)``,
+    the span's k-th largest magnitude of source i's task vector and its index
+    in the span (see ``_rows``); ``weight`` are the sources' weights (the
+    consensus divisor sums those that agree), ``divisor`` the sum's normalizer
+    without consensus (1: none). Compiled on a CPU for spans of at least
+    ``MIN_NUMEL`` entries, eager otherwise; both give the same floats.
     """
     scalar = functools.partial(torch.tensor, dtype=torch.float32)
-    args = (base, list(sources), list(magnitudes), scalar(weight), scalar(divisor), scalar(lam))
+    cuts = [None if c is None else (scalar(c[0]), torch.tensor(c[1], dtype=torch.int64)) for c in cuts]
+    args = (base, list(sources), cuts, scalar(weight), scalar(divisor), scalar(lam))
     flags = dict(consensus=consensus, normalize=normalize, nonnegative=all(w >= 0 for w in weight))
     out = _run("merge", *args, **flags)
     return out if out is not None else _merge(*args, **flags)

@@ -149,10 +149,10 @@ class ResidentMerger:
             workspace_bytes=(len(names) + 2) * widest * 4, device=self.device, requested=placement,
         )
         log.info("resident merger: %s", self.memory.describe())
-        #: whether task-vector tails run compiled (``materialize.fused``): by default on a CPU for
+        #: whether task-vector merges run compiled (``materialize.fused``, CPU only): by default for
         #: models large enough that the saved passes outweigh a compile of a few seconds
-        self.fused = fused if fused is not None else (
-            self.device == "cpu" and model_bytes(dirs[str(base)]) >= FUSED_MIN_BYTES)
+        self.fused = self.device == "cpu" and (
+            fused if fused is not None else model_bytes(dirs[str(base)]) >= FUSED_MIN_BYTES)
         self.pool = {name: PoolModel(d, placement=self.memory.placement, device=self.device, block_numel=block_numel)
                      for name, d in dirs.items()}
         self._indexes: dict[tuple[str, str, int], MagnitudeIndex] = {}

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +51,27 @@ def expand(values, sizes, *, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class Cut:
+    """TIES cuts of the tensors of one block, as ``MagnitudeIndex.cut`` finds them.
+
+    Tensor ``s`` keeps the entries whose magnitude is not at or below
+    ``bounds[s]`` (-inf: all; NaN survives, as export's threshold lets it)
+    except ``members[dropped]``, entries equal to their tensor's cut beyond
+    the k kept (ties go to the lowest indices); ``emptied`` tensors keep
+    nothing. Equivalently, it drops the entries below ``values[s]`` and those
+    equal to it after position ``last[s]``.
+    """
+
+    bounds: torch.Tensor  # float32, one per tensor, on the block's device
+    values: torch.Tensor  # each tensor's k-th largest magnitude (the bound where there is no cut)
+    last: torch.Tensor  # block position of each tensor's k-th largest (-1: no cut): ties after it are dropped
+    emptied: tuple[int, ...]  # the tensors cut to nothing (k = 0; bound +inf)
+    trimmed: bool  # whether any bound is above -inf
+    members: torch.Tensor  # block positions of the cut buckets' entries (int64)
+    dropped: torch.Tensor  # per member: whether it is dropped as a surplus tie
+
+
 class MagnitudeIndex:
     """Bucketed magnitude counts of the tensors of one block (see the module doc).
 
@@ -57,11 +80,11 @@ class MagnitudeIndex:
     never waits for the device (the members are found with a known count).
     """
 
-    def __init__(self, magnitude: torch.Tensor, sizes: list[int]) -> None:
+    def __init__(self, high: torch.Tensor, sizes: list[int]) -> None:
+        """Index the magnitudes whose high halves (``high_half``) are ``high``, tensors of ``sizes`` end to end."""
         self.sizes = list(sizes)
         self.offsets = list(itertools.accumulate(sizes, initial=0))
-        self.starts = torch.tensor(self.offsets, dtype=torch.int64, device=magnitude.device)
-        high = high_half(magnitude)
+        self.starts = torch.tensor(self.offsets, dtype=torch.int64, device=high.device)
         keys, buckets, first = [], [], [0]
         for s, (a, b) in enumerate(itertools.pairwise(self.offsets)):
             counts = torch.bincount(high[a:b]).cpu().numpy()
@@ -85,15 +108,32 @@ class MagnitudeIndex:
         CUDA nothing waits for the device: the bookkeeping is done on the host
         and the kernels are queued.
         """
+        cut = self.cut(high_half(magnitude), magnitude.__getitem__, ks)
+        if cut.trimmed:
+            self._zero_at_or_below_(magnitude, cut)
+        if cut.members.numel():
+            magnitude.index_put_((cut.members,), magnitude[cut.members].masked_fill_(cut.dropped, 0.0))
+        return magnitude
+
+    def cut(self, high: torch.Tensor, magnitude_at: Callable[[torch.Tensor], torch.Tensor], ks: list[int]) -> Cut:
+        """Where to cut each tensor ``s`` to keep its ``ks[s]`` largest magnitudes.
+
+        ``high`` are the high halves of the magnitudes the index was built from
+        and ``magnitude_at(positions)`` returns those magnitudes (float32) at
+        the given block positions; only the entries of each cut's bucket are
+        read. Nothing waits for a CUDA device.
+        """
         sizes = self.sizes
-        device = magnitude.device
+        device = high.device
         # per tensor, entries <= bound are zeroed: -inf keeps a tensor whole, +inf drops it (k = 0)
         bound_of = [float("inf") if k <= 0 < n else float("-inf") for k, n in zip(ks, sizes)]
+        emptied = tuple(s for s, b in enumerate(bound_of) if b > 0)
         need = [s for s, (k, n) in enumerate(zip(ks, sizes)) if 0 < k < n]
+        last = torch.full((len(sizes),), -1, dtype=torch.int64, device=device)
         if not need:
-            if any(b > 0 for b in bound_of):
-                self._zero_at_or_below_(magnitude, _on(bound_of, torch.float32, device))
-            return magnitude
+            bounds = _on(bound_of, torch.float32, device)
+            none = torch.zeros(0, dtype=torch.int64, device=device)
+            return Cut(bounds, bounds, last, emptied, bool(emptied), none, none.bool())
         segs = np.asarray(need, dtype=np.int64)
         k = np.asarray([ks[s] for s in need], dtype=np.int64)
         # the bucket holding each tensor's k-th largest, the entries above it and in it
@@ -101,9 +141,10 @@ class MagnitudeIndex:
         bucket = self.buckets[pos]
         above = np.where(pos > self.first[segs], self.keys[pos - 1] - segs * _SEG, 0)
         count = self.keys[pos] - segs * _SEG - above
-        members = self._members(high_half(magnitude), need, bucket.tolist(), count.tolist())
+        members = self._members(high, need, bucket.tolist(), count.tolist())
         seg_of = torch.searchsorted(self.starts, members, right=True) - 1
-        low = magnitude.view(torch.int32)[members] & 0xFFFF
+        values = magnitude_at(members)
+        low = values.view(torch.int32) & 0xFFFF
         # within a tensor: largest first; stable, so equal values stay in index order. int32 keys
         # where they fit (under 2**15 tensors in the block) halve the radix sort's passes on CUDA
         key_dtype = torch.int32 if len(sizes) < 1 << 15 else torch.int64
@@ -114,19 +155,20 @@ class MagnitudeIndex:
         segs_t = _on(need, torch.int64, device)
         cut_key = order_key[p]
         bounds = _on(bound_of, torch.float32, device)
-        cut = magnitude[members[p]]
+        cut = values[perm[p]]
         bounds[segs_t] = torch.nextafter(cut, torch.full_like(cut, -1.0))
+        cut_values = bounds.clone()
+        cut_values[segs_t] = cut
+        last[segs_t] = members[p]
         # entries equal to the cut beyond the k kept: later in sorted order, with the cut's key
         last_kept = torch.full((len(sizes),), members.numel(), dtype=torch.int64, device=device)
         last_kept[segs_t] = p
         cut_of = torch.full((len(sizes),), -1, dtype=key_dtype, device=device)
         cut_of[segs_t] = cut_key
-        self._zero_at_or_below_(magnitude, bounds)
         seg_sorted = (order_key >> 16).long()
         j = torch.arange(members.numel(), device=device)
         dropped = (j > last_kept[seg_sorted]) & (order_key == cut_of[seg_sorted])
-        magnitude.index_put_((members,), magnitude[members].masked_fill_(dropped, 0.0))
-        return magnitude
+        return Cut(bounds, cut_values, last, emptied, True, members, dropped)
 
     def _members(self, high: torch.Tensor, need: list[int], bucket: list[int], count: list[int]) -> torch.Tensor:
         """Ascending indices of the entries of each tensor ``need[q]`` whose high half is ``bucket[q]``.
@@ -146,19 +188,21 @@ class MagnitudeIndex:
         per_entry = expand(target, self.sizes, dtype=torch.int16, device=high.device)
         return torch.nonzero_static(high == per_entry, size=sum(count)).squeeze(1)
 
-    def _zero_at_or_below_(self, magnitude: torch.Tensor, bounds: torch.Tensor) -> None:
-        """Zero each tensor's entries at or below its bound (-inf: none, +inf: all).
+    def _zero_at_or_below_(self, magnitude: torch.Tensor, cut: Cut) -> None:
+        """Zero each tensor's entries at or below its bound (-inf: none), and all of those cut to nothing.
 
         One masked fill on CUDA; a threshold per tensor on a CPU, where a masked
-        fill over a block is ~15x slower. The two differ only on NaN entries, which
-        only a broken source produces: the fill keeps them (the candidate then
-        fails its finite check), the threshold zeroes them.
+        fill over a block is ~15x slower. Both keep NaN entries (which only a
+        broken source produces; the candidate then fails its finiteness check)
+        unless the whole tensor is dropped, as export's ``RankCut`` does.
         """
         if magnitude.device.type != "cpu":
-            per_entry = expand(bounds.unbind(), self.sizes, dtype=bounds.dtype, device=bounds.device)
+            per_entry = expand(cut.bounds.unbind(), self.sizes, dtype=cut.bounds.dtype, device=cut.bounds.device)
             magnitude.masked_fill_(magnitude <= per_entry, 0.0)
+            for s in cut.emptied:
+                magnitude[self.offsets[s]:self.offsets[s + 1]].zero_()
             return
-        for a, b, bound in zip(self.offsets, self.offsets[1:], bounds.tolist()):
+        for a, b, bound in zip(self.offsets, self.offsets[1:], cut.bounds.tolist()):
             if bound == float("inf"):
                 magnitude[a:b].zero_()
             elif bound > float("-inf"):
