@@ -141,7 +141,7 @@ def merge(
         merge_to_dir(
             recipe, out_dir, force=force, device=device, threads=threads, seed=seed,
             allow_pickle=allow_pickle, max_shard_size=max_shard_size, recipe_dir=config.parent,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=lambda done, total: bar.update(task, completed=done, total=total), inputs=[config],
         )
     console.print(f"merged model written to [bold]{out_dir}[/]")
 
@@ -189,7 +189,8 @@ def adamerge_cmd(
             bar.update(bars[phase], completed=done, total=total,
                        info=f"entropy {loss:.4f}" if phase == "training" else "")
 
-        result = adamerge_to_dir(cfg, out_dir, init_run=init, force=force, device=device, progress=progress)
+        result = adamerge_to_dir(cfg, out_dir, init_run=init, force=force, device=device, progress=progress,
+                                 inputs=[config])
     grid = Table(title=f"{cfg.granularity}-wise AdaMerging{'++' if cfg.plus_plus else ''} coefficients")
     for col in ("task", "mean", "min", "max"):
         grid.add_column(col, justify="right" if col != "task" else "left")

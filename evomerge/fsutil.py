@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,25 @@ def check_writable_parent(path: Path) -> None:
         raise EvomergeError(f"{path}: cannot create it, {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EvomergeError(f"{path}: cannot write under {parent} (permission denied)")
+
+
+def check_replaceable(out: Path, inputs: Iterable[Path] = ()) -> None:
+    """Refuse to replace ``out`` (``--force``) unless it is a model directory, or empty, holding no input.
+
+    ``--force`` swaps a whole directory: pointed by mistake at a folder of
+    runs, at a source model or at the directory holding the config, it would
+    delete them. A model directory has a ``config.json``.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise EvomergeError(f"{out}: exists and is not a directory; refusing to replace it")
+    where = out.resolve()
+    for path in inputs:
+        resolved = Path(path).resolve()
+        if resolved == where or where in resolved.parents:
+            raise EvomergeError(f"{out}: holds {path}, an input of this command; refusing to replace it")
+    if not (out / "config.json").is_file() and any(out.iterdir()):
+        raise EvomergeError(f"{out}: exists and is not a model directory (no config.json); refusing to replace it")
 
 
 @contextlib.contextmanager

@@ -174,20 +174,34 @@ def test_truncated_shard_names_the_file(zoo, tmp_path):
         ModelDir(bad)
 
 
-def test_missing_tensor_and_missing_model(zoo, tmp_path):
-    bad = _copy_model(zoo["rev"], tmp_path / "bad")
-    index = bad / "model.safetensors.index.json"
+def _drop_tensors(model, names):
+    """Remove ``names`` from a copied model's shards and index."""
+    index = model / "model.safetensors.index.json"
     data = json.loads(index.read_text())
-    victim = "model.layers.1.mlp.up_proj.weight"
-    shard = bad / data["weight_map"].pop(victim)
+    for victim in names:
+        shard = model / data["weight_map"].pop(victim)
+        tensors = load_file(str(shard))
+        del tensors[victim]
+        save_file(tensors, str(shard), {"format": "pt"})
     index.write_text(json.dumps(data))
-    tensors = load_file(str(shard))
-    del tensors[victim]
-    save_file(tensors, str(shard), {"format": "pt"})
-    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
-                "models": [{"model": str(bad), "parameters": {"weight": 1.0}}]})
+
+
+@pytest.mark.parametrize("role", ["source", "base"])
+def test_missing_tensor_and_missing_model(zoo, tmp_path, role):
+    bad = _copy_model(zoo["rev"], tmp_path / "bad")
+    victim = "model.layers.1.mlp.up_proj.weight"
+    _drop_tensors(bad, [victim])
+    base, source = (zoo["base"], str(bad)) if role == "source" else (str(bad), zoo["sort"])
+    r = recipe({"merge_method": "task_arithmetic", "base_model": base,
+                "models": [{"model": source, "parameters": {"weight": 1.0}}]})
     with pytest.raises(EvomergeError, match=f"tensor '{victim}' is missing from {bad}"):
         merge_to_dir(r, tmp_path / "out")
+    # a layer the config counts but the weights lack
+    layer = [n for n in ModelDir(bad).names if n.startswith("model.layers.1.")]
+    _drop_tensors(bad, layer)
+    with pytest.raises(EvomergeError, match=f"layer 1 of {bad} has no tensors, though its config.json gives it 2"):
+        merge_to_dir(r, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     r = recipe({"merge_method": "linear", "models": [{"model": "org/not-here", "parameters": {"weight": 1.0}}]})
     with pytest.raises(EvomergeError, match="org/not-here: model directory not found .*does not download"):
         merge_to_dir(r, tmp_path / "out")
@@ -225,6 +239,46 @@ def test_bad_parameters_fail_before_writing(zoo, tmp_path, change, match):
     with pytest.raises(EvomergeError, match=match):
         merge_to_dir(recipe(data), out, force=True)
     assert (out / "precious").read_text() == "x"
+
+
+@pytest.mark.parametrize("value,match", [("abc", "parameter 'weight' must be a number, got 'abc'"),
+                                         (float("nan"), "parameter 'weight' must be a finite number, got nan"),
+                                         (float("inf"), "parameter 'weight' must be a finite number, got inf")])
+def test_parameters_are_finite_numbers(zoo, tmp_path, value, match):
+    data = {"merge_method": "ties", "base_model": zoo["base"],
+            "models": [{"model": zoo["rev"], "parameters": {"weight": value, "density": 0.5}}]}
+    with pytest.raises(EvomergeError, match=match):
+        merge_to_dir(recipe(data), tmp_path / "out")
+    # YAML reads 3e-1 (no dot) as a string: it is the number it spells
+    spelled = yaml.safe_load("weight: 3e-1")
+    assert spelled["weight"] == "3e-1"
+    merge_to_dir(recipe({**data, "models": [{"model": zoo["rev"], "parameters": {**spelled, "density": 0.5}}]}),
+                 tmp_path / "spelled")
+    merge_to_dir(recipe({**data, "models": [{"model": zoo["rev"], "parameters": {"weight": 0.3, "density": 0.5}}]}),
+                 tmp_path / "number")
+    assert state(tmp_path / "spelled").keys() == state(tmp_path / "number").keys()
+    assert all(torch.equal(a, state(tmp_path / "number")[k]) for k, a in state(tmp_path / "spelled").items())
+
+
+def test_force_never_replaces_inputs_or_foreign_directories(zoo, tmp_path):
+    """--force swaps a model directory; one holding the config or a source, a non-model folder or a file
+    is refused and left as it was."""
+    models = tmp_path / "models"
+    source = _copy_model(zoo["rev"], models / "rev")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(source), "parameters": {"weight": 1.0}}]}))
+    r = Recipe.from_file(cfg)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    (tmp_path / "file.txt").write_text("keep")
+    for out, match in [(models, "holds .*rev, an input of this command"), (source, "holds .*rev, an input"),
+                       (tmp_path, "holds .*cfg.yaml, an input"), (folder, "not a model directory"),
+                       (tmp_path / "file.txt", "not a directory")]:
+        with pytest.raises(EvomergeError, match=match):
+            merge_to_dir(r, out, force=True, inputs=[cfg])
+    assert (folder / "notes.txt").read_text() == "keep" and (tmp_path / "file.txt").read_text() == "keep"
+    assert ModelDir(source).names and cfg.exists()
 
 
 def test_layer_range_beyond_the_model(zoo, tmp_path):

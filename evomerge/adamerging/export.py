@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from evomerge.adamerging.config import AdaMergingConfig
 from evomerge.adamerging.train import AdaMergingResult, adamerge
 from evomerge.errors import EvomergeError
+from evomerge.fsutil import check_replaceable
 from evomerge.recipe import Recipe
 
 #: What the exported directory holds besides the model: coefficients, losses, settings.
@@ -26,8 +27,8 @@ def recipe_of_run(path: Path) -> Recipe:
 
 
 def adamerge_to_dir(config: AdaMergingConfig, out_dir: Path, *, init_run: Path | None = None, force: bool = False,
-                    device: str | None = None, progress: Callable[[str, int, int, float], None] | None = None
-                    ) -> AdaMergingResult:
+                    device: str | None = None, progress: Callable[[str, int, int, float], None] | None = None,
+                    inputs: Sequence[Path] = ()) -> AdaMergingResult:
     """Train AdaMerging coefficients for a resolved ``config`` and write the merged model to ``out_dir``.
 
     ``init_run`` starts from a search run's best recipe. ``progress`` gets
@@ -40,6 +41,9 @@ def adamerge_to_dir(config: AdaMergingConfig, out_dir: Path, *, init_run: Path |
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
+    inputs = [*inputs, *([init_run] if init_run is not None else [])]
+    if out_dir.exists():  # before training, not after: merge_to_dir checks the models again
+        check_replaceable(out_dir, [*inputs, Path(config.base_model)])
     init = recipe_of_run(init_run) if init_run is not None else None
     tasks = config.build_tasks()
     result = adamerge(config.base_model, tasks, config.settings, init=init, device=device,
@@ -59,6 +63,6 @@ def adamerge_to_dir(config: AdaMergingConfig, out_dir: Path, *, init_run: Path |
     def finalize(tmp: Path) -> None:
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    merge_to_dir(result.recipe, out_dir, force=force, finalize=finalize,
+    merge_to_dir(result.recipe, out_dir, force=force, finalize=finalize, inputs=inputs,
                  progress=None if progress is None else lambda done, total: progress("exporting", done, total, 0.0))
     return result

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import atomic_dir
+from evomerge.fsutil import atomic_dir, check_replaceable
 from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
 from evomerge.materialize.plan import MergePlan, TensorJob, open_models, plan_merge
 from evomerge.recipe import Recipe
@@ -105,6 +105,7 @@ def merge_to_dir(
     recipe_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     finalize: Callable[[Path], None] | None = None,
+    inputs: Sequence[Path] = (),
 ) -> Path:
     """Merge ``recipe`` into an HF model directory at ``out_dir``.
 
@@ -114,6 +115,8 @@ def merge_to_dir(
     called with (tensors done, total). ``finalize`` gets the complete temp
     directory before it is renamed into place (e.g. to score the model and add
     the scores), so a failure there leaves nothing half-written either.
+    ``inputs`` (the config, a run directory) and the recipe's models are never
+    inside a replaced ``out_dir`` (``fsutil.check_replaceable``).
     """
     import torch
 
@@ -126,6 +129,8 @@ def merge_to_dir(
         raise EvomergeError("--device cuda: no CUDA device is available")
     models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
     plan = plan_merge(recipe, models)
+    if out_dir.exists():
+        check_replaceable(out_dir, [*inputs, *(m.path for m in models.values())])
     seed = seed if seed is not None else (recipe.random_seed or 0)
     slots = [TensorSlot(j.out_name, j.shape, j.dtype) for j in plan.jobs]
     max_bytes = parse_size(max_shard_size)

@@ -7,6 +7,9 @@ their ranges) before any weight is read or any file is written.
 
 from __future__ import annotations
 
+import math
+import weakref
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +93,10 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
     ref = models[reference]
     arch = ref.arch
     jobs: list[TensorJob] = []
-    global_names = [n for n in ref.names if arch.layer_of(n) is None]
+    # every tensor any model of the first (last) slice has outside the layers: one a model lacks is
+    # reported by _job, not left out of the merge
+    global_names = _union([n for n in models[s.model].names if arch.layer_of(n) is None]
+                          for s in (*slices[0].sources, *slices[-1].sources))
     pre = [n for n in global_names if arch.is_pre(n)]
     post = [n for n in global_names if not arch.is_pre(n)]
 
@@ -107,16 +113,17 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
                 raise EvomergeError(
                     f"{where}: slices[{si}]: layer_range {list(s.layer_range)} of {s.model} exceeds its {n_layers} layers"
                 )
-        # The base (else the first source) says which tensors a layer has, so a
-        # source lacking one is reported instead of the tensor being dropped.
+        # a layer's tensors are those any source has there (the base's first), so a source lacking one
+        # is reported instead of the tensor being dropped
         lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
-        suffixes: dict[int, list[str]] = {}
-        for parts in map(models[lead.model].arch.split, models[lead.model].names):
-            if parts is not None:
-                suffixes.setdefault(parts[0], []).append(parts[1])
+        order = [lead, *(s for s in sl.sources if s is not lead)]
         for j in range(sl.length):
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
-            for suffix in suffixes.get(lead.layer_range[0] + j, []):
+            for s in order:
+                if s.layer_range[0] + j not in layer_suffixes(models[s.model]):
+                    raise EvomergeError(f"{where}: slices[{si}]: layer {s.layer_range[0] + j} of {s.model} has no "
+                                        f"tensors, though its config.json gives it {models[s.model].num_layers} layers")
+            for suffix in _union(layer_suffixes(models[s.model])[s.layer_range[0] + j] for s in order):
                 names = [models[s.model].arch.layer_name(s.layer_range[0] + j, suffix) for s in sl.sources]
                 add(arch.layer_name(offset + j, suffix), sl, names, t, f"slices[{si}]")
         offset += sl.length
@@ -153,7 +160,7 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
                 if default is REQUIRED:
                     raise EvomergeError(f"{where}: {label}: parameter {key!r} is required for model {s.model}")
                 value = default
-            resolved[key] = value
+            resolved[key] = _typed(key, value, default, f"{where}: {label}: model {s.model} at {name}")
         if "density" in resolved and not 0 < float(resolved["density"]) <= 1:
             raise EvomergeError(f"{where}: {label}: density {resolved['density']} for {s.model} at {name} is outside (0, 1]")
         sources.append((s.model, name))
@@ -173,7 +180,7 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
             if default is REQUIRED:
                 raise EvomergeError(f"{where}: parameter {key!r} is required by {method.name}")
             value = default
-        global_params[key] = value
+        global_params[key] = _typed(key, value, default, f"{where}: {out_name}")
     if global_params.get("rescale_method", "l1") not in RESCALE_METHODS:
         raise EvomergeError(
             f"{where}: rescale_method {global_params['rescale_method']!r}; choose one of {', '.join(RESCALE_METHODS)}"
@@ -187,3 +194,41 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
         dtype=recipe.out_dtype or recipe.dtype or ref_dtype,
         kwargs=method.kwargs(params, global_params),
     )
+
+
+def _typed(key: str, value: Any, default: Any, where: str) -> Any:
+    """A parameter value checked against its kind (its default's): numeric ones are finite numbers.
+
+    YAML reads ``3e-1`` (no dot) as a string; such strings are read as the
+    number they spell, as mergekit's pydantic models do.
+    """
+    if isinstance(default, (str, bool)) or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise EvomergeError(f"{where}: parameter {key!r} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise EvomergeError(f"{where}: parameter {key!r} must be a finite number, got {value}")
+    return value
+
+
+_SUFFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_suffixes(model) -> dict[int, tuple[str, ...]]:
+    """Per decoder layer index of ``model`` (a ModelDir or a pool model), the names of its tensors below
+    the layer (``arch.split``) in storage order; computed once per model, as every candidate's plan asks."""
+    if model not in _SUFFIXES:
+        out: dict[int, list[str]] = {}
+        for parts in map(model.arch.split, model.names):
+            if parts is not None:
+                out.setdefault(parts[0], []).append(parts[1])
+        _SUFFIXES[model] = {layer: tuple(suffixes) for layer, suffixes in out.items()}
+    return _SUFFIXES[model]
+
+
+def _union(groups) -> list[str]:
+    """The names of all ``groups``, each once, in first-seen order."""
+    return list(dict.fromkeys(name for group in groups for name in group))

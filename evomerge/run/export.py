@@ -81,7 +81,7 @@ def export_run(run: RunDir, out: Path, *, rank: int = 1, force: bool = False, sc
             card.write(_scores_section(run, chosen, scores))
 
     say(f"merging candidate #{chosen.id}")
-    merge_to_dir(recipe, out, force=force, finalize=finalize)
+    merge_to_dir(recipe, out, force=force, finalize=finalize, inputs=[run.path])
     return scores
 
 
