@@ -269,6 +269,11 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     console.print(f"{progress.done} evaluations, {progress.failed} failed"
                   + (f", {progress.screened} screened out" if progress.screened else "") + "; "
                   + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
+    if best is None and progress.failed:
+        # every candidate failed: most likely one misconfiguration; show it rather than exit 0
+        last = next((e for e in reversed(run_for_export.journal()) if not e.ok), None)
+        raise EvomergeError(f"all {progress.failed} candidates failed" + (f"; the last with: {last.error}" if last else "")
+                            + f" (`evomerge status {run_dir}` lists them)")
     if export and best is not None:
         with console.status("exporting the best candidate") as status:
             scores = export_run(run_for_export, run.best_dir, force=True, progress=status.update)
@@ -312,9 +317,10 @@ def search(
     run = RunDir.create(run_dir, space)
     console.print(f"run directory [bold]{run_dir}[/]")
     try:
-        _drive(run_dir, workers, address, local, export)
+        with run.lock():
+            _drive(run_dir, workers, address, local, export)
     except EvomergeError:
-        if not run.journal_file.exists():  # failed before any evaluation: leave no half-made run behind
+        if not run.started:  # failed before any evaluation: leave no half-made run behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -336,12 +342,13 @@ def resume(
     from evomerge.run.rundir import RunDir
 
     run = RunDir.open(run_dir)
-    space = run.space()
-    if budget is not None:
-        if budget < space.budget:
-            raise EvomergeError(f"--budget {budget} is below the run's budget {space.budget}; it can only grow")
-        run.save_space(space.with_overrides(budget=budget))
-    _drive(run_dir, workers, address, local, export)
+    with run.lock():
+        space = run.space()
+        if budget is not None:
+            if budget < space.budget:
+                raise EvomergeError(f"--budget {budget} is below the run's budget {space.budget}; it can only grow")
+            run.save_space(space.with_overrides(budget=budget))
+        _drive(run_dir, workers, address, local, export)
 
 
 @app.command("status")

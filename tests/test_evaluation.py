@@ -127,11 +127,12 @@ def test_python_evaluator_and_its_failures(live, tmp_path):
         "def text(model, tokenizer):\n    return {'x': 'high'}\n"
         "def nan(model, tokenizer):\n    return {'x': float('nan')}\n"
         "def boom(model, tokenizer):\n    raise RuntimeError('kaput')\n"
+        "def leave(model, tokenizer):\n    raise SystemExit(3)\n"
     )
     ev = build_evaluator({"type": "python", "function": f"{plugin}:score", "kwargs": {"scale": 2.0}})
     assert ev(model, tok) == {"params": 2.0 * sum(p.numel() for p in model.parameters())}
     for fn, match in [("text", "metric 'x' is not a number"), ("nan", "metric 'x' is nan"),
-                      ("boom", "RuntimeError: kaput")]:
+                      ("boom", "RuntimeError: kaput"), ("leave", r"called sys.exit\(3\)")]:
         with pytest.raises(EvaluationError, match=match):
             build_evaluator({"type": "python", "function": f"{plugin}:{fn}"})(model, tok)
     assert ev(model, tok)["params"] > 0  # still usable after failures
@@ -139,6 +140,8 @@ def test_python_evaluator_and_its_failures(live, tmp_path):
         build_evaluator({"type": "python", "function": f"{plugin}:missing"})
     with pytest.raises(EvomergeError, match="'module:function'"):
         build_evaluator({"type": "python", "function": "no_colon"})
+    with pytest.raises(EvomergeError, match="kwargs must be a mapping"):
+        build_evaluator({"type": "python", "function": f"{plugin}:score", "kwargs": [1, 2]})
 
 
 def test_evaluator_configs_are_validated():

@@ -268,3 +268,32 @@ def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
     assert result.returncode == 2 and "unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
     result = _run_cli("search", space, "--budget", "0")
     assert result.returncode == 2 and "invalid override: budget: Input should be greater than 0" in result.stderr
+
+
+def test_one_process_searches_a_run_and_export_force_spares_it(reference_run, tmp_path):
+    """A second search/resume of a run in use is refused (two writers would journal ids twice); export
+    --force never replaces the run directory or a folder holding it."""
+    run, _ = reference_run
+    before = run.journal_file.read_bytes()
+    with run.lock():
+        second = _run_cli("resume", run.path, "--local", "--no-export")
+    assert second.returncode == 2 and "another evomerge process is searching in this run" in second.stderr
+    with run.lock():  # released when the holder ends
+        pass
+    for out in (run.path, run.path.parent):
+        result = _run_cli("export", run.path, out, "--force", "--no-score")
+        assert result.returncode == 2 and f"holds {run.path}, an input" in " ".join(result.stderr.split())
+    assert run.journal_file.read_bytes() == before and (run.path / "config.yaml").exists()
+
+
+def test_a_search_whose_every_candidate_fails_exits_with_the_error(tiny_zoo, tmp_path):
+    plugin = tmp_path / "broken_metric.py"
+    plugin.write_text("def score(model, tokenizer):\n    return {'x': 'high'}\n")
+    space = tiny_space(tiny_zoo, tmp_path, budget=2, optimizer="random",
+                       evaluators=[{"type": "python", "function": f"{plugin}:score"}],
+                       fitness=[{"name": "x", "direction": "maximize", "metrics": ["x"]}])
+    result = _run_cli("search", space, "--run-dir", tmp_path / "run", "--local", "--no-export")
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "all 2 candidates failed; the last with:" in message
+    assert "metric 'x' is not a number" in message
+    assert len(RunDir.open(tmp_path / "run").journal()) == 2  # the failures stay journaled

@@ -76,6 +76,29 @@ def test_space_errors_name_file_line_and_key(tiny_zoo, tmp_path):
         SearchSpace.from_file(path)
 
 
+@pytest.mark.parametrize("metrics,aggregate,message", [
+    ({"zoo_copy/exact_match": 0}, "mean", "the weights of a mean must sum to more than 0 (they sum to 0.0)"),
+    ({"zoo_copy/exact_match": 1, "zoo_rev/exact_match": -1}, "mean", "must sum to more than 0"),
+    ({"zoo_copy/exact_match": float("nan")}, "sum", "metric 'zoo_copy/exact_match' has weight nan"),
+])
+def test_fitness_weights_are_checked_when_the_space_is_read(tiny_zoo, tmp_path, metrics, aggregate, message):
+    fitness = [{"name": "f", "direction": "maximize", "metrics": metrics, "aggregate": aggregate}]
+    with pytest.raises(EvomergeError, match=re.escape(message)):
+        SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, fitness=fitness))
+    twice = [{"name": "f", "direction": "maximize", "metrics": ["zoo_copy/exact_match"]}] * 2
+    with pytest.raises(EvomergeError, match="fitness name 'f' is used twice"):
+        SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, fitness=twice))
+
+
+def test_staged_budget_must_leave_a_data_flow_stage(tiny_zoo, tmp_path):
+    genome = {"type": "staged", "parameter_budget": 4,
+              "parameter": {"type": "parameter", "method": "ties"}, "dataflow": {"type": "dataflow"}}
+    with pytest.raises(EvomergeError, match=re.escape("budget 4 leaves nothing for the data-flow stage after "
+                                                      "genome.parameter_budget 4")):
+        SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, genome=genome, budget=4))
+    assert SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, genome=genome, budget=5)).budget == 5
+
+
 def test_unknown_and_mismatched_models(tiny_zoo, tmp_path):
     path = tiny_space(tiny_zoo, tmp_path)
     data = yaml.safe_load(path.read_text())

@@ -22,9 +22,10 @@ decoder depth), so "score vs. merged layer count" needs no evaluator.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 #: Evaluator setting naming the file a report scores instead of ``path`` (see ``Objective.for_split``).
@@ -57,6 +58,16 @@ class Fitness(BaseModel):
             raise ValueError("list at least one metric")
         return v
 
+    @model_validator(mode="after")
+    def _finite_weights(self) -> Fitness:
+        for metric, weight in self.metrics.items():
+            if not math.isfinite(weight):
+                raise ValueError(f"fitness {self.name!r}: metric {metric!r} has weight {weight}; give a finite number")
+        if self.aggregate == "mean" and not sum(self.metrics.values()) > 0:
+            raise ValueError(f"fitness {self.name!r}: the weights of a mean must sum to more than 0 "
+                             f"(they sum to {sum(self.metrics.values())}); use aggregate: sum for signed weights")
+        return self
+
     def value(self, metrics: dict[str, float]) -> float:
         """This objective's value for a candidate's metrics (all named metrics must be present)."""
         total = sum(w * metrics[m] for m, w in self.metrics.items())
@@ -70,6 +81,15 @@ class Objective(BaseModel):
 
     evaluators: list[dict[str, Any]] = Field(min_length=1)
     fitness: list[Fitness] = Field(min_length=1)
+
+    @field_validator("fitness")
+    @classmethod
+    def _distinct(cls, v: list[Fitness]) -> list[Fitness]:
+        names = [f.name for f in v]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"fitness name {name!r} is used twice; name each objective once")
+        return v
 
     @field_validator("evaluators")
     @classmethod

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.base import EvaluationError, Evaluator
 from evomerge.evaluation.registry import register
 
 
@@ -28,7 +28,7 @@ def load_function(ref: str):
             module = importlib.import_module(module_ref)
     except EvomergeError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module calling sys.exit() must not end the search
         raise EvomergeError(f"python evaluator: cannot import {module_ref}: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -43,9 +43,15 @@ class PythonEvaluator(Evaluator):
     name = "python"
 
     def __init__(self, function: str, kwargs: dict | None = None) -> None:
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise EvomergeError(f"python evaluator: kwargs must be a mapping of argument names to values, "
+                                f"not {kwargs!r}")
         self.function = load_function(function)
         self.ref = function
         self.kwargs = dict(kwargs or {})
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
-        return self.function(model, tokenizer, **self.kwargs)
+        try:
+            return self.function(model, tokenizer, **self.kwargs)
+        except SystemExit as exc:  # would end the whole search, not fail this candidate
+            raise EvaluationError(f"python evaluator: {self.ref} called sys.exit({exc.code})") from None

@@ -7,6 +7,7 @@
       journal.jsonl    one line per finished evaluation (the run's history; never rewritten)
       optimizer/       optimizer state, replaced atomically after every ask and tell (+ Optuna storage)
       best/            the exported best model
+      .lock            held (flock) by the one process searching in it
 
 One writer persists everything: the journal is appended and fsynced line by
 line; state files are replaced with ``os.replace``. A ``kill -9`` can at worst
@@ -16,9 +17,12 @@ and re-runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ CONFIG = "config.yaml"
 JOURNAL = "journal.jsonl"
 OPTIMIZER = "optimizer"
 BEST = "best"
+LOCK = ".lock"
 STATUSES = ("ok", "failed", "oom")
 
 
@@ -96,6 +101,31 @@ class RunDir:
         if not (path / CONFIG).is_file():
             raise EvomergeError(f"{path}: not a run directory (no {CONFIG}); start one with `evomerge search`")
         return cls(path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for this process: a second search or resume of it is refused meanwhile.
+
+        Two writers would journal the same evaluation ids twice and leave a run
+        no resume can continue. The lock is the kernel's (``flock``), so a
+        killed process never leaves it stale.
+        """
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EvomergeError(f"{self.path}: another evomerge process is searching in this run; "
+                                "wait for it to finish or stop it, then resume") from None
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    @property
+    def started(self) -> bool:
+        """Whether any evaluation of this run (or of its stages) has been journaled."""
+        return any(self.path.rglob(JOURNAL))
 
     # -- config --------------------------------------------------------------
     @property

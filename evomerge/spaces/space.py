@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.objective import Objective, Surrogate
@@ -91,6 +91,14 @@ class SearchSpace(_Strict):
     #: where each worker keeps the source weights (see ``evomerge.materialize.placement``): auto picks
     #: device, host (pinned, streamed per block) or disk from the model sizes and free memory
     placement: Literal["auto", "device", "host", "disk"] = "auto"
+
+    @model_validator(mode="after")
+    def _stages_fit_the_budget(self) -> SearchSpace:
+        # checked when the file is read: found after the parameter stage, it would waste that stage
+        if isinstance(self.genome, StagedGenomeConfig) and self.budget <= self.genome.parameter_budget:
+            raise ValueError(f"budget {self.budget} leaves nothing for the data-flow stage after "
+                             f"genome.parameter_budget {self.genome.parameter_budget}; raise budget or lower it")
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> SearchSpace:
