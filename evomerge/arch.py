@@ -54,9 +54,12 @@ class ArchMap:
     def num_layers(self, config: dict) -> int:
         """Layer count recorded in ``config``."""
         try:
-            return int(config[self.num_layers_key])
+            value = config[self.num_layers_key]
         except KeyError:
             raise EvomergeError(f"config.json has no {self.num_layers_key!r} (family {self.family})") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EvomergeError(f"config.json: {self.num_layers_key} is {value!r}, not a layer count")
+        return value
 
     def with_num_layers(self, config: dict, n: int) -> dict:
         """A copy of ``config`` describing ``n`` layers (per-layer lists are cut or extended)."""

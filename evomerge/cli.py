@@ -99,6 +99,9 @@ def zoo_check(
     if split not in ("test", "validation"):
         raise EvomergeError(f"--split must be 'test' or 'validation', not {split!r}")
     zoo = load_zoo(path if path is not None else default_zoo_dir("lm", size, seed))
+    if zoo.manifest.get("kind") != "lm":
+        raise EvomergeError(f"{zoo.path}: a {zoo.manifest.get('kind')} zoo; zoo check scores LM zoos "
+                            "(the vision zoo's checks are in benchmarks/adamerging_table.py)")
     with console.status("scoring with lm-eval") as status:
         result = check_zoo(zoo, split=split, limit=limit, batch_size=batch_size, progress=status.update)
     _print_table(f"lm-eval exact match, {split} split", result.table, result.tasks)

@@ -46,6 +46,8 @@ def read_text(path: str | Path) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{path}: not a text file (it is not UTF-8)") from None
 
 
 def explain(cls: type[BaseModel], exc: ValidationError, text: str, source: str) -> str:

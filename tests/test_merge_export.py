@@ -207,6 +207,52 @@ def test_missing_tensor_and_missing_model(zoo, tmp_path, role):
         merge_to_dir(r, tmp_path / "out")
 
 
+def _break_index(model):
+    (model / "model.safetensors.index.json").write_text('{"weight_map": 5}')
+
+
+def _break_config(model, value):
+    (model / "config.json").write_text(json.dumps(value))
+
+
+def _break_header(model):
+    shard = sorted(model.glob("*.safetensors"))[0]
+    shard.write_bytes(struct.pack("<Q", 7) + b"[1,2,3]" + shard.read_bytes()[8:])
+
+
+@pytest.mark.parametrize("damage,match", [
+    (_break_index, "invalid safetensors index"),
+    (lambda m: _break_config(m, [1, 2]), "config.json: not a model config"),
+    (lambda m: _break_config(m, {**json.loads((m / "config.json").read_text()), "num_hidden_layers": "two"}),
+     "num_hidden_layers is 'two', not a layer count"),
+    (_break_header, "its header is not a JSON object"),
+])
+def test_damaged_model_files_are_named(zoo, tmp_path, damage, match):
+    bad = _copy_model(zoo["rev"], tmp_path / "bad")
+    damage(bad)
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                "models": [{"model": str(bad), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match=match):
+        merge_to_dir(r, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_inputs_and_devices_are_named(zoo, tmp_path):
+    binary = tmp_path / "cfg.yaml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
+    with pytest.raises(EvomergeError, match="cfg.yaml: not a text file"):
+        Recipe.from_file(binary)
+    r = recipe({"merge_method": "linear", "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match="--device 'bogus': use cpu, cuda or cuda:N"):
+        merge_to_dir(r, tmp_path / "out", device="bogus")
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    shutil.copy(ModelDir(zoo["rev"]).path / "config.json", pk / "config.json")
+    (pk / "pytorch_model.bin").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(EvomergeError, match="pytorch_model.bin: not a readable checkpoint"):
+        ModelDir(pk, allow_pickle=True)
+
+
 def test_pickle_checkpoints_need_opt_in(zoo, tmp_path):
     src = ModelDir(zoo["base"])
     pk = tmp_path / "pk"
@@ -279,6 +325,23 @@ def test_force_never_replaces_inputs_or_foreign_directories(zoo, tmp_path):
             merge_to_dir(r, out, force=True, inputs=[cfg])
     assert (folder / "notes.txt").read_text() == "keep" and (tmp_path / "file.txt").read_text() == "keep"
     assert ModelDir(source).names and cfg.exists()
+
+
+def test_tokenizer_source_must_hold_a_tokenizer(zoo, tmp_path):
+    data = {"merge_method": "linear", "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}},
+                                                 {"model": zoo["sort"], "parameters": {"weight": 1.0}}]}
+    merge_to_dir(recipe({**data, "tokenizer_source": zoo["sort"]}), tmp_path / "named")
+    assert (tmp_path / "named" / "tokenizer.json").read_bytes() == (ModelDir(zoo["sort"]).path / "tokenizer.json").read_bytes()
+    bare = _copy_model(zoo["sort"], tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(EvomergeError, match=f"tokenizer_source '{bare}': {bare} holds no tokenizer"):
+        merge_to_dir(recipe({**data, "tokenizer_source": str(bare)}), tmp_path / "out")
+    union = {"merge_method": "linear", "tokenizer_source": "union",
+             "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}}, {"model": str(bare), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(EvomergeError, match=f"union: {bare} has no tokenizer.json"):
+        merge_to_dir(recipe(union), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_layer_range_beyond_the_model(zoo, tmp_path):

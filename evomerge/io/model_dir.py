@@ -54,6 +54,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:
         raise EvomergeError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise EvomergeError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
     out: dict[str, TensorInfo] = {}
     end = 0
     for name, meta in header.items():
@@ -96,15 +98,20 @@ class ModelDir:
         self._lock = threading.Lock()
 
     def _read_config(self) -> dict:
-        return read_json(self.path / "config.json", f"{self.path}: no config.json (not a Hugging Face model directory)")
+        config = read_json(self.path / "config.json", f"{self.path}: no config.json (not a Hugging Face model directory)")
+        if not isinstance(config, dict):
+            raise EvomergeError(f"{self.path / 'config.json'}: not a model config (a JSON object)")
+        return config
 
     def _read_index(self, allow_pickle: bool) -> dict[str, TensorInfo]:
         index = self.path / SAFETENSORS_INDEX
         if index.exists():
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise EvomergeError(f"{index}: invalid safetensors index (no weight_map)") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EvomergeError(f"{index}: invalid safetensors index (no weight_map of tensor -> file)") from None
             infos: dict[str, TensorInfo] = {}
             for file in sorted(set(weight_map.values())):
                 if not (self.path / file).exists():
@@ -137,7 +144,10 @@ class ModelDir:
         self._pickled: dict[str, object] = {}
         infos = {}
         for file in files:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 -- torch.load raises many kinds for a damaged file
+                raise EvomergeError(f"{file}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
             for name, t in state.items():
                 self._pickled[name] = t
                 infos[name] = TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), file.name)
@@ -157,7 +167,10 @@ class ModelDir:
 
     @property
     def num_layers(self) -> int:
-        return self.arch.num_layers(self.config)
+        try:
+            return self.arch.num_layers(self.config)
+        except EvomergeError as exc:
+            raise EvomergeError(f"{self.path}/{exc}") from None
 
     def tensor(self, name: str):
         """Read one tensor into fresh CPU memory (the caller may modify it)."""

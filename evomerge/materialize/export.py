@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -26,6 +27,8 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
+#: files that hold a tokenizer's vocabulary (fast, sentencepiece, BPE): a tokenizer source needs one
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 RECIPE_FILE = "mergekit_config.yml"
 
 
@@ -71,25 +74,29 @@ def model_card(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def _copy_tokenizer(plan: MergePlan, out: Path) -> None:
+def tokenizer_dir(plan: MergePlan) -> Path:
+    """The directory whose tokenizer files the merged model gets (``tokenizer_source``), checked before merging.
+
+    A source named explicitly must hold a tokenizer: a model written without
+    one would load in transformers but not in the lm-eval CLI.
+    """
     src = plan.recipe.tokenizer_source
     if src in (None, "base"):
-        source = plan.models[plan.reference].path
-    elif src == "union":
-        files = {m: (d.path / "tokenizer.json") for m, d in plan.models.items()}
-        contents = {f.read_bytes() if f.exists() else b"" for f in files.values()}
-        if len(contents) > 1:
+        return plan.models[plan.reference].path
+    if src == "union":
+        files = {m: d.path / "tokenizer.json" for m, d in plan.models.items()}
+        lacking = [m for m, f in files.items() if not f.exists()]
+        if lacking:
+            raise EvomergeError(f"tokenizer_source: union: {lacking[0]} has no tokenizer.json")
+        if len({f.read_bytes() for f in files.values()}) > 1:
             raise EvomergeError("tokenizer_source: union of different tokenizers is not supported; name one model")
-        source = plan.models[plan.reference].path
-    elif src in plan.models:
-        source = plan.models[src].path
-    elif Path(src).is_dir():
-        source = Path(src)
-    else:
+        return plan.models[plan.reference].path
+    source = plan.models[src].path if src in plan.models else Path(src)
+    if not source.is_dir():
         raise EvomergeError(f"tokenizer_source {src!r}: not 'base', 'union' or a model directory")
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, out / name)
+    if not any((source / name).exists() for name in VOCABULARY_FILES):
+        raise EvomergeError(f"tokenizer_source {src!r}: {source} holds no tokenizer ({', '.join(VOCABULARY_FILES)})")
+    return source
 
 
 def merge_to_dir(
@@ -125,10 +132,13 @@ def merge_to_dir(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise EvomergeError(f"--device {device!r}: use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError("--device cuda: no CUDA device is available")
     models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
     plan = plan_merge(recipe, models)
+    tokenizer = tokenizer_dir(plan)
     if out_dir.exists():
         check_replaceable(out_dir, [*inputs, *(m.path for m in models.values())])
     seed = seed if seed is not None else (recipe.random_seed or 0)
@@ -150,7 +160,9 @@ def merge_to_dir(
         finally:
             torch.set_num_threads(old_threads)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        _copy_tokenizer(plan, tmp)
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).exists():
+                shutil.copy2(tokenizer / name, tmp / name)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(plan))
         if finalize is not None:
