@@ -170,6 +170,15 @@ class Recipe(_Strict):
                 sl.pop("parameters", None)
         return yaml.safe_dump(data, sort_keys=False)
 
+    def with_models(self, paths: dict[str, str]) -> Recipe:
+        """A copy with the model references in ``paths`` replaced (e.g. relative paths by absolute ones)."""
+        data = self.to_dict()
+        if data.get("base_model") in paths:
+            data["base_model"] = paths[data["base_model"]]
+        for group in data.get("models", []) + [s for sl in data.get("slices", []) for s in sl["sources"]]:
+            group["model"] = paths.get(group["model"], group["model"])
+        return type(self).model_validate(data)
+
     # -- structure -----------------------------------------------------------
     def referenced_models(self) -> list[str]:
         """Every model path the recipe names, base first, without duplicates."""

@@ -327,6 +327,20 @@ def test_force_never_replaces_inputs_or_foreign_directories(zoo, tmp_path):
     assert ModelDir(source).names and cfg.exists()
 
 
+def test_the_saved_recipe_reproduces_from_any_directory(zoo, tmp_path):
+    models = tmp_path / "models"
+    for name in ("base", "rev"):
+        _copy_model(zoo[name], models / name)
+    relative = recipe({"merge_method": "ties", "base_model": "base",
+                       "models": [{"model": "rev", "parameters": {"weight": 0.7, "density": 0.5}}]})
+    merge_to_dir(relative, tmp_path / "first", recipe_dir=models)
+    saved = Recipe.from_file(tmp_path / "first" / "mergekit_config.yml")
+    assert saved.referenced_models() == [str((models / "base").resolve()), str((models / "rev").resolve())]
+    merge_to_dir(saved, tmp_path / "again")
+    first, again = state(tmp_path / "first"), state(tmp_path / "again")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_tokenizer_source_must_hold_a_tokenizer(zoo, tmp_path):
     data = {"merge_method": "linear", "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}},
                                                  {"model": zoo["sort"], "parameters": {"weight": 1.0}}]}

@@ -60,9 +60,8 @@ def run_job(plan: MergePlan, job: TensorJob, device: str = "cpu", seed: int = 0)
     return out.to(getattr(torch, job.dtype))
 
 
-def model_card(plan: MergePlan) -> str:
-    """README.md for the merged model: front matter, the method, the sources, the recipe."""
-    recipe = plan.recipe
+def model_card(recipe: Recipe) -> str:
+    """README.md for the model merged from ``recipe``: front matter, the method, the sources, the recipe."""
     lines = ["---"]
     if recipe.base_model:
         lines.append(f"base_model: {json.dumps(recipe.base_model)}")
@@ -123,7 +122,8 @@ def merge_to_dir(
     directory before it is renamed into place (e.g. to score the model and add
     the scores), so a failure there leaves nothing half-written either.
     ``inputs`` (the config, a run directory) and the recipe's models are never
-    inside a replaced ``out_dir`` (``fsutil.check_replaceable``).
+    inside a replaced ``out_dir`` (``fsutil.check_replaceable``); the first
+    input names the recipe in error messages.
     """
     import torch
 
@@ -137,7 +137,9 @@ def merge_to_dir(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError("--device cuda: no CUDA device is available")
     models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
-    plan = plan_merge(recipe, models)
+    plan = plan_merge(recipe, models, where=str(inputs[0]) if inputs else "recipe")
+    # the recipe written with the model is reproducible from any directory: its models as found
+    saved = recipe.with_models({name: str(d.path.resolve()) for name, d in models.items()})
     tokenizer = tokenizer_dir(plan)
     if out_dir.exists():
         check_replaceable(out_dir, [*inputs, *(m.path for m in models.values())])
@@ -163,8 +165,8 @@ def merge_to_dir(
         for name in TOKENIZER_FILES:
             if (tokenizer / name).exists():
                 shutil.copy2(tokenizer / name, tmp / name)
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(plan))
+        (tmp / RECIPE_FILE).write_text(saved.to_yaml())
+        (tmp / "README.md").write_text(model_card(saved))
         if finalize is not None:
             finalize(tmp)
     return out_dir
