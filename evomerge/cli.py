@@ -346,6 +346,7 @@ def resume(
 
     run = RunDir.open(run_dir)
     with run.lock():
+        run.check_unchanged()
         space = run.space()
         if budget is not None:
             if budget < space.budget:

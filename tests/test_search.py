@@ -297,3 +297,17 @@ def test_a_search_whose_every_candidate_fails_exits_with_the_error(tiny_zoo, tmp
     assert result.returncode == 2 and "all 2 candidates failed; the last with:" in message
     assert "metric 'x' is not a number" in message
     assert len(RunDir.open(tmp_path / "run").journal()) == 2  # the failures stay journaled
+
+
+def test_resume_refuses_a_config_edited_since_the_start(tiny_zoo, tmp_path):
+    run = start(tiny_space(tiny_zoo, tmp_path, budget=4), tmp_path / "run")
+    run.save_space(run.space().with_overrides(budget=9, workers=2))  # what resume may change
+    run.check_unchanged()
+    edited = run.config_file.read_text().replace("method: ties", "method: dare_ties")
+    assert edited != run.config_file.read_text()
+    run.config_file.write_text(edited)
+    with pytest.raises(EvomergeError, match=r"config.yaml: genome.method was changed after the run started"):
+        run.check_unchanged()
+    result = _run_cli("resume", run.path, "--local", "--no-export")
+    assert result.returncode == 2 and "genome.method was changed" in result.stderr
+    assert not run.journal_file.exists()

@@ -5,7 +5,8 @@
     runs/NAME/
       config.yaml      the resolved search space (absolute paths) + CLI overrides, frozen at start
       journal.jsonl    one line per finished evaluation (the run's history; never rewritten)
-      optimizer/       optimizer state, replaced atomically after every ask and tell (+ Optuna storage)
+      optimizer/       optimizer state, replaced atomically after every ask and tell (+ Optuna storage),
+                       and space.json: the search as started (what resume may not change)
       best/            the exported best model
       .lock            held (flock) by the one process searching in it
 
@@ -38,6 +39,7 @@ JOURNAL = "journal.jsonl"
 OPTIMIZER = "optimizer"
 BEST = "best"
 LOCK = ".lock"
+FROZEN = "space.json"
 STATUSES = ("ok", "failed", "oom")
 
 
@@ -92,6 +94,7 @@ class RunDir:
         (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
         run = cls(path)
         run.save_space(space)
+        write_bytes_atomic(path / OPTIMIZER / FROZEN, json.dumps(_identity(space)).encode())
         return run
 
     @classmethod
@@ -135,6 +138,21 @@ class RunDir:
     def space(self) -> SearchSpace:
         """The frozen, resolved search space of this run."""
         return SearchSpace.from_file(self.config_file)
+
+    def check_unchanged(self) -> None:
+        """Refuse a ``config.yaml`` edited since the run started in anything but its budget or workers.
+
+        Candidates of another genome, method or objective would be told to
+        this optimizer and ranked with this run's results.
+        """
+        frozen = self.optimizer_dir / FROZEN
+        if not frozen.is_file():
+            return  # a run started before the file existed
+        key = _first_difference(json.loads(frozen.read_text()), _identity(self.space()))
+        if key is not None:
+            raise EvomergeError(f"{self.config_file}: {key} was changed after the run started; a run's results "
+                                "come from one search (only budget and workers may change): undo the edit, or "
+                                "start a new run with the edited space")
 
     def save_space(self, space: SearchSpace) -> None:
         """Freeze ``space`` (atomically; resume with a larger budget rewrites only ``budget``)."""
@@ -221,3 +239,22 @@ def parse_evaluation(raw: bytes | str) -> Evaluation:
     if evaluation.status not in STATUSES:
         raise ValueError(f"unknown status {evaluation.status!r}")
     return evaluation
+
+
+def _identity(space: SearchSpace) -> dict:
+    """What makes a search this search: the space without the settings a resume may change."""
+    data = space.model_dump(mode="json")
+    for key in ("budget", "workers"):
+        data.pop(key, None)
+    return data
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The dotted key where ``new`` first differs from ``old`` (None when equal)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path or "the space")
