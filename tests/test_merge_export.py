@@ -253,6 +253,17 @@ def test_unreadable_inputs_and_devices_are_named(zoo, tmp_path):
         ModelDir(pk, allow_pickle=True)
 
 
+def test_models_of_other_depths_are_named(zoo, tmp_path):
+    shallow = _copy_model(zoo["rev"], tmp_path / "shallow")
+    _drop_tensors(shallow, [n for n in ModelDir(shallow).names if n.startswith("model.layers.1.")])
+    _break_config(shallow, {**json.loads((shallow / "config.json").read_text()), "num_hidden_layers": 1})
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                "models": [{"model": str(shallow), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match=rf"different layer counts \({shallow} has 1, {zoo['base']} has 2\); "
+                                            "merge them layer by layer with slices"):
+        merge_to_dir(r, tmp_path / "out")
+
+
 def test_pickle_checkpoints_need_opt_in(zoo, tmp_path):
     src = ModelDir(zoo["base"])
     pk = tmp_path / "pk"
@@ -273,6 +284,9 @@ def test_pickle_checkpoints_need_opt_in(zoo, tmp_path):
         ({"parameters": {"density": 1.5}}, "density 1.5 .* outside \\(0, 1\\]"),
         ({"base_model": None}, "ties needs a base_model"),
         ({"merge_method": "dare_ties", "parameters": {"rescale_method": "l2"}}, "rescale_method 'l2'; choose one of l1, inverse_density"),
+        ({"merge_method": "della", "parameters": {"density": 0.5, "epsilon": 0.6}},
+         "della needs 0 < density - epsilon and density \\+ epsilon < 1; .* has density 0.5, epsilon 0.6"),
+        ({"merge_method": "breadcrumbs", "parameters": {"density": 0.5, "gamma": 2}}, "gamma 2 for .* is outside \\[0, 1\\)"),
     ],
 )
 def test_bad_parameters_fail_before_writing(zoo, tmp_path, change, match):

@@ -68,10 +68,11 @@ def _slices(recipe: Recipe, models: dict[str, ModelDir], method: MergeMethod) ->
     if recipe.base_model and method.base != "none" and recipe.base_model not in [s.model for s in sources]:
         base = models[recipe.base_model]
         sources.append(SliceSource(model=recipe.base_model, layer_range=(0, base.num_layers)))
-    try:
-        return [OutputSlice(sources=sources)]
-    except ValueError as exc:
-        raise EvomergeError(f"models have different layer counts: {exc}") from None
+    counts = {s.model: s.layer_range[1] for s in sources}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{m} has {n}" for m, n in counts.items())
+        raise EvomergeError(f"models have different layer counts ({listing}); merge them layer by layer with slices")
+    return [OutputSlice(sources=sources)]
 
 
 def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "recipe") -> MergePlan:
@@ -163,6 +164,12 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
             resolved[key] = _typed(key, value, default, f"{where}: {label}: model {s.model} at {name}")
         if "density" in resolved and not 0 < float(resolved["density"]) <= 1:
             raise EvomergeError(f"{where}: {label}: density {resolved['density']} for {s.model} at {name} is outside (0, 1]")
+        density, epsilon, gamma = (resolved.get(k) for k in ("density", "epsilon", "gamma"))
+        if epsilon is not None and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise EvomergeError(f"{where}: {label}: della needs 0 < density - epsilon and density + epsilon < 1; "
+                                f"{s.model} at {name} has density {density}, epsilon {epsilon}")
+        if gamma is not None and not 0 <= gamma < 1:
+            raise EvomergeError(f"{where}: {label}: gamma {gamma} for {s.model} at {name} is outside [0, 1)")
         sources.append((s.model, name))
         params.append(resolved)
     if len(set(shapes.values())) > 1:
