@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from evomerge.errors import EvomergeError
@@ -504,7 +505,8 @@ def main() -> None:
     try:
         app()
     except EvomergeError as exc:
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        # messages quote YAML such as [low, high], which rich would take for markup
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -54,3 +54,13 @@ def test_zoo_check_cli_prints_table_and_json(tiny_zoo, tmp_path):
     assert set(data["table"]) >= {"base", *tiny_zoo.finetune_tasks}
     assert "base" in out.stdout and "best merge" in out.stdout
     assert out.returncode == (0 if data["verdict"]["passed"] else 1)
+
+
+def test_errors_print_bracketed_yaml_verbatim(tiny_zoo, tmp_path):
+    """Messages quote YAML lists such as [low, high]; the console must not read them as markup."""
+    from search_helpers import tiny_space
+
+    space = tiny_space(tiny_zoo, tmp_path, genome={"type": "parameter", "method": "ties", "genes": {"density": [0.5, 0.2]}})
+    out = run_cli("search", str(space), "--dry-run")
+    assert out.returncode == 2
+    assert "bounds [0.5, 0.2] are empty; give [low, high] with low < high" in " ".join(out.stderr.split())

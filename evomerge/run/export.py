@@ -28,7 +28,9 @@ def choose(run: RunDir, rank: int = 1) -> Evaluation:
     best = ranked(run.journal(), space.objective.directions)
     if not best:
         raise EvomergeError(f"{run.path}: no successful evaluation to export yet")
-    if not 1 <= rank <= len(best):
+    if rank < 1:
+        raise EvomergeError(f"--rank {rank}: ranks start at 1 (the best)")
+    if rank > len(best):
         raise EvomergeError(f"--rank {rank}: {run.path} has {len(best)} successful evaluations")
     return best[rank - 1]
 
