@@ -96,8 +96,8 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
     jobs: list[TensorJob] = []
     # every tensor any model of the first (last) slice has outside the layers: one a model lacks is
     # reported by _job, not left out of the merge
-    global_names = _union([n for n in models[s.model].names if arch.layer_of(n) is None]
-                          for s in (*slices[0].sources, *slices[-1].sources))
+    global_names = _union(layout(models[m]).outside for m in dict.fromkeys(
+        s.model for s in (*slices[0].sources, *slices[-1].sources)))
     pre = [n for n in global_names if arch.is_pre(n)]
     post = [n for n in global_names if not arch.is_pre(n)]
 
@@ -121,10 +121,10 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
         for j in range(sl.length):
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
             for s in order:
-                if s.layer_range[0] + j not in layer_suffixes(models[s.model]):
+                if s.layer_range[0] + j not in layout(models[s.model]).layers:
                     raise EvomergeError(f"{where}: slices[{si}]: layer {s.layer_range[0] + j} of {s.model} has no "
                                         f"tensors, though its config.json gives it {models[s.model].num_layers} layers")
-            for suffix in _union(layer_suffixes(models[s.model])[s.layer_range[0] + j] for s in order):
+            for suffix in _union(layout(models[s.model]).layers[s.layer_range[0] + j] for s in order):
                 names = [models[s.model].arch.layer_name(s.layer_range[0] + j, suffix) for s in sl.sources]
                 add(arch.layer_name(offset + j, suffix), sl, names, t, f"slices[{si}]")
         offset += sl.length
@@ -221,19 +221,29 @@ def _typed(key: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
-_SUFFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class Layout:
+    """A model's tensor names by place: outside the decoder layers, and per layer below it."""
+
+    outside: tuple[str, ...]  # in storage order
+    layers: dict[int, tuple[str, ...]]  # layer index -> names below the layer (``arch.split``), in storage order
 
 
-def layer_suffixes(model) -> dict[int, tuple[str, ...]]:
-    """Per decoder layer index of ``model`` (a ModelDir or a pool model), the names of its tensors below
-    the layer (``arch.split``) in storage order; computed once per model, as every candidate's plan asks."""
-    if model not in _SUFFIXES:
-        out: dict[int, list[str]] = {}
-        for parts in map(model.arch.split, model.names):
-            if parts is not None:
-                out.setdefault(parts[0], []).append(parts[1])
-        _SUFFIXES[model] = {layer: tuple(suffixes) for layer, suffixes in out.items()}
-    return _SUFFIXES[model]
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layout(model) -> Layout:
+    """The ``Layout`` of ``model`` (a ModelDir or a pool model), computed once: every candidate's plan asks."""
+    if model not in _LAYOUTS:
+        outside, layers = [], {}
+        for name in model.names:
+            parts = model.arch.split(name)
+            if parts is None:
+                outside.append(name)
+            else:
+                layers.setdefault(parts[0], []).append(parts[1])
+        _LAYOUTS[model] = Layout(tuple(outside), {layer: tuple(names) for layer, names in layers.items()})
+    return _LAYOUTS[model]
 
 
 def _union(groups) -> list[str]:
