@@ -297,6 +297,14 @@ def test_a_search_whose_every_candidate_fails_exits_with_the_error(tiny_zoo, tmp
     assert result.returncode == 2 and "all 2 candidates failed; the last with:" in message
     assert "metric 'x' is not a number" in message
     assert len(RunDir.open(tmp_path / "run").journal()) == 2  # the failures stay journaled
+    # the same failure over and over is a misconfiguration: the run stops instead of spending its budget
+    many = tiny_space(tiny_zoo, tmp_path, name="many", budget=20, optimizer="random",
+                      evaluators=[{"type": "python", "function": f"{plugin}:score"}],
+                      fitness=[{"name": "x", "direction": "maximize", "metrics": ["x"]}])
+    result = _run_cli("search", many, "--run-dir", tmp_path / "many", "--local", "--no-export")
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "the first 5 candidates all failed with the same error" in message
+    assert len(RunDir.open(tmp_path / "many").journal()) == 5
 
 
 def test_resume_refuses_a_config_edited_since_the_start(tiny_zoo, tmp_path):

@@ -37,6 +37,10 @@ from evomerge.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
+#: a run whose first this-many evaluations all fail with one error stops: that is a misconfiguration
+#: (a misnamed metric, a broken evaluator), and the rest of the budget would fail the same way
+FAIL_FAST = 5
+
 
 @dataclass
 class RunProgress:
@@ -206,6 +210,11 @@ class Runner:
         self.done[candidate.id] = evaluation
         self._count(evaluation)
         self.progress.session_done += 1
+        if not evaluation.ok and self.progress.best is None and self.progress.failed >= FAIL_FAST:
+            errors = {e.error for e in self.done.values()}
+            if len(errors) == 1 and all(not e.ok for e in self.done.values()):
+                raise EvomergeError(f"the first {len(self.done)} candidates all failed with the same error, "
+                                    f"a misconfiguration rather than bad luck: {evaluation.error}")
         return evaluation
 
     # -- loop ----------------------------------------------------------------
