@@ -258,9 +258,10 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     def on_stage(index, stage_run):
         console.print(f"stage {index + 1} ({'parameter' if index == 0 else 'data-flow'}): {stage_run.path}")
 
+    staged = run.space().genome.type == "staged"
     try:
         with live:
-            if run.space().genome.type == "staged":
+            if staged:
                 run_for_export, progress = run_stages(run, make_runner, on_stage)
             else:
                 run_for_export, progress = run, make_runner(run).run()
@@ -270,7 +271,7 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         raise typer.Exit(130) from None
     _end_live_line()
     best = progress.best
-    console.print(f"{progress.done} evaluations, {progress.failed} failed"
+    console.print(("data-flow stage: " if staged else "") + f"{progress.done} evaluations, {progress.failed} failed"
                   + (f", {progress.screened} screened out" if progress.screened else "") + "; "
                   + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
     if best is None and progress.failed:
@@ -333,7 +334,7 @@ def search(
 def resume(
     run_dir: Path = typer.Argument(..., help="Run directory of an interrupted (or finished) search."),
     budget: Optional[int] = typer.Option(None, "--budget", help="Raise the total number of evaluations."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers for the rest of the run."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel workers for the rest of the run."),
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one."),
     local: bool = typer.Option(False, "--local", help="Evaluate in this process, one worker, without Ray."),
     export: bool = typer.Option(True, "--export/--no-export", help="Export the best model to RUN_DIR/best when done."),
