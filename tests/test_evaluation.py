@@ -3,6 +3,8 @@
 import json
 import math
 
+import shutil
+
 import pytest
 import torch
 
@@ -68,6 +70,18 @@ def test_lm_eval_bad_tasks_are_clear(tiny_zoo, live):
     group = build_evaluator({"type": "lm_eval", "tasks": ["zoo"], "include_path": str(tiny_zoo.tasks_dir)})
     with pytest.raises(EvomergeError, match="is a group"):
         group.setup(model, tok)
+
+
+
+def test_lm_eval_names_a_task_yaml_that_does_not_parse(tiny_zoo, live, tmp_path):
+    model, tok = live
+    tasks = tmp_path / "tasks"
+    shutil.copytree(tiny_zoo.tasks_dir, tasks)
+    broken = tasks / "zoo_copy.yaml"
+    broken.write_text(broken.read_text().replace("task: zoo_copy", "task: [zoo_copy"))
+    ev = build_evaluator({"type": "lm_eval", "tasks": ["zoo_copy"], "include_path": str(tasks)})
+    with pytest.raises(EvomergeError, match=r"unknown task 'zoo_copy'.*zoo_copy.yaml does not parse \(line \d+: "):
+        ev.setup(model, tok)
 
 
 def test_entropy_is_uniform_for_a_blank_head_and_lower_when_trained(tiny_zoo, live):

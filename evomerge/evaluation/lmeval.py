@@ -64,6 +64,7 @@ class LMEvalEvaluator(Evaluator):
                 f"lm_eval: unknown task {unknown[0]!r}"
                 + (f" in {self.include_path}" if self.include_path else "")
                 + f"; available: {', '.join(sorted(manager.all_tasks)[:20])}"
+                + "".join(f"; {file} does not parse ({why})" for file, why in _unparsable(self.include_path)[:1])
             )
         try:
             loaded = manager.load(self.task_names)
@@ -106,3 +107,21 @@ class LMEvalEvaluator(Evaluator):
                 if self.metric is None or metric == self.metric:
                     metrics[f"{task}/{metric}"] = float(value)
         return metrics
+
+
+def _unparsable(include_path: str | None) -> list[tuple[Path, str]]:
+    """Task YAMLs under ``include_path`` that are not valid YAML (lm-eval skips them without a word)."""
+    import yaml
+
+    class Tolerant(yaml.SafeLoader):
+        """Reads lm-eval's ``!function`` tags (and any other) as plain values."""
+
+    Tolerant.add_multi_constructor("", lambda loader, suffix, node: None)
+    out = []
+    for file in sorted(Path(include_path).rglob("*.yaml")) if include_path else []:
+        try:
+            yaml.load(file.read_text(), Loader=Tolerant)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            out.append((file, (f"line {mark.line + 1}: " if mark else "") + str(getattr(exc, "problem", exc))))
+    return out
