@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import weakref
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
