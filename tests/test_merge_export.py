@@ -355,6 +355,20 @@ def test_the_saved_recipe_reproduces_from_any_directory(zoo, tmp_path):
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_zoo_references_merge_and_stay_in_the_saved_recipe(tiny_zoo, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_zoo.path, tmp_path / "cache" / "zoo" / "lm-tiny-seed0")  # the cache's copy: no build
+    by_ref = recipe({"merge_method": "ties", "base_model": "zoo:lm/tiny/base",
+                     "models": [{"model": "zoo:lm/tiny/rev", "parameters": {"weight": 0.7, "density": 0.5}}]})
+    merge_to_dir(by_ref, tmp_path / "out")
+    assert Recipe.from_file(tmp_path / "out" / "mergekit_config.yml") == by_ref
+    by_path = by_ref.with_models({"zoo:lm/tiny/base": str(tiny_zoo.models["base"]),
+                                  "zoo:lm/tiny/rev": str(tiny_zoo.models["rev"])})
+    merge_to_dir(by_path, tmp_path / "paths")
+    a, b = state(tmp_path / "out"), state(tmp_path / "paths")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tokenizer_source_must_hold_a_tokenizer(zoo, tmp_path):
     data = {"merge_method": "linear", "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}},
                                                  {"model": zoo["sort"], "parameters": {"weight": 1.0}}]}

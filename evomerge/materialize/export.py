@@ -21,6 +21,7 @@ from evomerge.fsutil import atomic_dir, check_replaceable
 from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
 from evomerge.materialize.plan import MergePlan, TensorJob, open_models, plan_merge
 from evomerge.recipe import Recipe
+from evomerge.zoo.registry import ZOO_PREFIX
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -138,8 +139,10 @@ def merge_to_dir(
         raise EvomergeError("--device cuda: no CUDA device is available")
     models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
     plan = plan_merge(recipe, models, where=str(inputs[0]) if inputs else "recipe")
-    # the recipe written with the model is reproducible from any directory: its models as found
-    saved = recipe.with_models({name: str(d.path.resolve()) for name, d in models.items()})
+    # the recipe written with the model is reproducible from any directory: its models as found (zoo
+    # references stay: they name the same model on any machine)
+    saved = recipe.with_models({name: str(d.path.resolve()) for name, d in models.items()
+                                if not name.startswith(ZOO_PREFIX)})
     tokenizer = tokenizer_dir(plan)
     if out_dir.exists():
         check_replaceable(out_dir, [*inputs, *(m.path for m in models.values())])

@@ -18,6 +18,7 @@ from evomerge.io.model_dir import ModelDir
 from evomerge.methods.sparsify import RESCALE_METHODS
 from evomerge.methods.registry import REQUIRED, MergeMethod, check_params, get_method
 from evomerge.recipe import NO_MATCH, OutputSlice, Recipe, SliceSource, lookup
+from evomerge.zoo.registry import ZOO_PREFIX, resolve_zoo_ref
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,14 @@ class MergePlan:
 
 
 def open_models(recipe: Recipe, *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict[str, ModelDir]:
-    """Open every model the recipe names (relative paths resolve against ``base_dir``)."""
+    """Open every model the recipe names (relative paths resolve against ``base_dir``; ``zoo:`` references
+    name members of the embedded zoo, as in search spaces)."""
     out = {}
     for name in recipe.referenced_models():
         path = Path(name).expanduser()
-        if not path.is_absolute() and base_dir is not None and not path.exists():
+        if name.startswith(ZOO_PREFIX):  # a member of the embedded zoo, built on first use
+            path = resolve_zoo_ref(name)
+        elif not path.is_absolute() and base_dir is not None and not path.exists():
             path = base_dir / path
         out[name] = ModelDir(path, allow_pickle=allow_pickle)
     return out
