@@ -384,6 +384,9 @@ def status(
     out_console.print(f"[bold]{run.path}[/]: {len(journal) - screened}/{space.budget} evaluations, {len(failed)} failed, "
                       + (f"{screened} screened out by the surrogate, " if screened else "")
                       + f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
+    if not journal:
+        out_console.print(f"no evaluations journaled yet; continue with: evomerge resume {run_dir}", soft_wrap=True)
+        return
     grid = Table(title=f"best {top} (validation)")
     for col in ["rank", "id", *names, "layers", "seconds"]:
         grid.add_column(col, justify="right")
