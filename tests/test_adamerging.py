@@ -117,12 +117,40 @@ def test_nan_loss_stops_with_the_last_good_coefficients(tiny_zoo, tmp_path, task
     torch.testing.assert_close(result.coefficients, torch.full((3, 1), 0.3))
 
 
+def test_a_non_finite_update_stops_with_the_last_good_coefficients(tiny_zoo, tasks, monkeypatch):
+    """A finite loss whose update leaves a NaN coefficient (injected at step 3) stops training at step 2's
+    coefficients, which are finite and export."""
+    real_step = torch.optim.Adam.step
+    steps = []
+
+    def faulty_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", faulty_step)
+    result = adamerge(tiny_zoo.models["base"], tasks, AdaMergingSettings(granularity="task", steps=6), device="cpu")
+    assert result.stopped == "a coefficient became non-finite at step 3; kept the coefficients of step 2"
+    assert len(result.losses) == 2 and torch.isfinite(result.coefficients).all()
+    assert not torch.equal(result.coefficients, torch.full((3, 1), 0.3))  # two steps were taken
+    for bad in ({"init": float("nan")}, {"lr": 1e30}, {"init": 1e9}):
+        with pytest.raises(ValueError):
+            AdaMergingSettings(**bad)
+
+
 def test_bad_inputs_are_clear_errors(tiny_zoo, tmp_path, tasks):
     cfg = zoo_config(tiny_zoo)
     data = cfg.model_dump(mode="json")
     data["tasks"][0]["where"] = {"task": "nope"}
     with pytest.raises(EvomergeError, match=r"unlabeled.jsonl: no unlabeled rows for task 'copy'"):
         AdaMergingConfig.model_validate(data).build_tasks()
+    from evomerge.adamerging.export import adamerge_to_dir
+
+    with pytest.raises(EvomergeError, match="--device 'tpu': use cpu, cuda or cuda:N"):
+        adamerge_to_dir(cfg, tmp_path / "out", device="tpu")
     data = cfg.model_dump(mode="json")
     data["tasks"][0]["head"] = ["no_such_tensor"]
     with pytest.raises(EvomergeError, match="no tensor starts with head prefix no_such_tensor"):
@@ -173,3 +201,9 @@ def test_cli_writes_model_and_report_and_refuses_to_overwrite(tiny_zoo, tmp_path
     AutoModelForCausalLM.from_pretrained(out)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    # --force replaces the model, never the unlabeled data it trained on
+    data = out / "unlabeled.jsonl"
+    shutil.copy(tiny_zoo.tasks_dir / "unlabeled.jsonl", data)
+    cfg.write_text(cfg.read_text().replace(str(tiny_zoo.tasks_dir / "unlabeled.jsonl"), str(data)))
+    forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=300)
+    assert forced.returncode == 2 and "an input of this command" in forced.stderr and data.exists()

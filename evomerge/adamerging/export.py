@@ -8,6 +8,7 @@ from pathlib import Path
 
 from evomerge.adamerging.config import AdaMergingConfig
 from evomerge.adamerging.train import AdaMergingResult, adamerge
+from evomerge.device import check_device
 from evomerge.errors import EvomergeError
 from evomerge.fsutil import check_replaceable
 from evomerge.recipe import Recipe
@@ -41,9 +42,12 @@ def adamerge_to_dir(config: AdaMergingConfig, out_dir: Path, *, init_run: Path |
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
-    inputs = [*inputs, *([init_run] if init_run is not None else [])]
-    if out_dir.exists():  # before training, not after: merge_to_dir checks the models again
-        check_replaceable(out_dir, [*inputs, Path(config.base_model)])
+    if device is not None:
+        check_device(device)
+    # the unlabeled data is read during training only: merge_to_dir would not know to keep it
+    inputs = [*inputs, *([init_run] if init_run is not None else []), *(Path(t.unlabeled) for t in config.tasks)]
+    if out_dir.exists():  # before training, not after
+        check_replaceable(out_dir, [*inputs, Path(config.base_model), *(Path(t.model) for t in config.tasks)])
     init = recipe_of_run(init_run) if init_run is not None else None
     tasks = config.build_tasks()
     result = adamerge(config.base_model, tasks, config.settings, init=init, device=device,

@@ -45,8 +45,9 @@ class AdaMergingSettings(BaseModel):
     granularity: Literal["task", "layer", "tensor"] = "layer"
     plus_plus: bool = False
     density: float = Field(0.2, gt=0, le=1)
-    lr: float = Field(1e-3, gt=0)
-    init: float = 0.3
+    #: bounded: coefficients live near [0, 1], and Adam's step overflows float32 for an lr near 1e38
+    lr: float = Field(1e-3, gt=0, le=1e3)
+    init: float = Field(0.3, ge=-1e3, le=1e3)
     steps: int = Field(500, ge=0)
     batch_size: int = Field(16, ge=1)
     clamp: bool = True
@@ -150,13 +151,19 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
     stopped = None
     for step in range(settings.steps):
         loss = loss_on(sample())
-        if not torch.isfinite(loss):  # checked before the update, so ``raw`` still holds the last good step
-            stopped = f"loss became {loss.item()} at step {step + 1}; kept the coefficients of step {step}"
+        last_good = raw.detach().clone()
+        if torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        # a non-finite loss, or an update that made a coefficient non-finite, ends training at the last good step
+        if not torch.isfinite(loss) or not torch.isfinite(raw).all():
+            with torch.no_grad():
+                raw.copy_(last_good)
+            what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "a coefficient became non-finite"
+            stopped = f"{what} at step {step + 1}; kept the coefficients of step {step}"
             log.warning("adamerging: %s", stopped)
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, settings.steps, losses[-1])

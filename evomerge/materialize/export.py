@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from evomerge.device import check_device
 from evomerge.errors import EvomergeError
 from evomerge.fsutil import atomic_dir, check_replaceable
 from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
@@ -133,10 +133,7 @@ def merge_to_dir(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise EvomergeError(f"--device {device!r}: use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError("--device cuda: no CUDA device is available")
+    check_device(device)
     models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
     plan = plan_merge(recipe, models, where=str(inputs[0]) if inputs else "recipe")
     # the recipe written with the model is reproducible from any directory: its models as found (zoo
