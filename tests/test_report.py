@@ -193,20 +193,25 @@ def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
     run = RunDir(tmp_path / "damaged")
     shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
     lines = run.journal_file.read_text().splitlines()
-    run.journal_file.write_text("\n".join([lines[0], "{not json", *lines[2:], '{"id": 99, "genes"']))
+    # valid JSON of the wrong shape counts as unreadable too: a word for a fitness, genes that are not a
+    # mapping, a start time that is not a number, a NaN fitness (which would rank first or last at random)
+    second = json.loads(lines[1])
+    wrong = [json.dumps({**second, **change}) for change in
+             ({"fitness": ["abc"]}, {"genes": "x"}, {"started": "yesterday"}, {"fitness": [float("nan")]})]
+    run.journal_file.write_text("\n".join([lines[0], "{not json", *lines[2:], *wrong, '{"id": 99, "genes"']))
     result = subprocess.run([*EVOMERGE, "report", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 2 unreadable line(s)" in result.stderr and "lines 2, 6" in result.stderr
+    assert "skipped 6 unreadable line(s)" in result.stderr and "lines 2, 6, 7, 8, 9 and 1 more" in result.stderr
     assert result.stdout.strip() == str(run.path / "report" / "summary.md")
     text = (run.path / "report" / "summary.md").read_text()
-    assert "skipped 2 unreadable line(s) (lines 2, 6)" in text
+    assert "skipped 6 unreadable line(s) (lines 2, 6, 7, 8, 9 and 1 more)" in text
     readable = [json.loads(x) for i, x in enumerate(lines) if i != 1]
     ok = [e for e in readable if e["status"] == "ok"]
     best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
     assert _overview_row(run.path / "report", "damaged")[3:9] == [
         f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"{number(best['fitness'][0])} (#{best['id']})"]
     status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
-    assert status.returncode == 0 and "skipped 2 unreadable journal line(s)" in " ".join(status.stderr.split())
+    assert status.returncode == 0 and "skipped 6 unreadable journal line(s)" in " ".join(status.stderr.split())
 
 
 def test_bad_input_is_one_clear_message(runs, tmp_path):

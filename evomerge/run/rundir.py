@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -186,9 +187,7 @@ class RunDir:
         broken line anywhere else is an error naming the line: history is never
         silently discarded.
         """
-        if not self.journal_file.exists():
-            return []
-        data = self.journal_file.read_bytes()
+        data = self._journal_bytes()
         lines = data.split(b"\n")
         # Lines are written whole with their newline, so a last piece without one is torn.
         torn = lines.pop() if lines else b""
@@ -212,6 +211,15 @@ class RunDir:
                     f.truncate(len(data) - len(torn))
         return out
 
+    def _journal_bytes(self) -> bytes:
+        """The journal's bytes (none before the first evaluation), or an error naming what is in its place."""
+        try:
+            return self.journal_file.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise EvomergeError(f"{self.journal_file}: cannot read the journal ({exc.strerror})") from None
+
     def readable_journal(self) -> tuple[list[Evaluation], list[int]]:
         """Every parseable evaluation and the numbers of the lines that are not (for views, never for resume).
 
@@ -219,11 +227,9 @@ class RunDir:
         line may be half-written) or was damaged; they show what is readable
         and say how many lines they skipped, instead of refusing.
         """
-        if not self.journal_file.exists():
-            return [], []
         out: list[Evaluation] = []
         bad: list[int] = []
-        for number, raw in enumerate(self.journal_file.read_bytes().splitlines(), 1):
+        for number, raw in enumerate(self._journal_bytes().splitlines(), 1):
             if not raw.strip():
                 continue
             try:
@@ -238,7 +244,21 @@ def parse_evaluation(raw: bytes | str) -> Evaluation:
     evaluation = Evaluation(**json.loads(raw))
     if evaluation.status not in STATUSES:
         raise ValueError(f"unknown status {evaluation.status!r}")
+    e = evaluation
+    shaped = (isinstance(e.genes, dict) and isinstance(e.metrics, dict) and isinstance(e.x, list)
+              and isinstance(e.fitness, (list, type(None))) and isinstance(e.recipe, dict)
+              and _is_int(e.id) and _is_int(e.attempts))
+    numbers = [*e.genes.values(), *e.x, *e.metrics.values(), *(e.fitness or []), e.seconds,
+               *(v for v in (e.surrogate, e.started, e.finished) if v is not None)] if shaped else []
+    if not shaped or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ValueError("a field holds a value of the wrong type")
+    if e.fitness is not None and not all(math.isfinite(v) for v in e.fitness):
+        raise ValueError(f"non-finite fitness {e.fitness}")
     return evaluation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _identity(space: SearchSpace) -> dict:
