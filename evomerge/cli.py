@@ -41,7 +41,7 @@ def zoo_build(
     kind: str = typer.Argument(..., help="Zoo kind: 'lm' (Llama base + task fine-tunes) or 'vision' (ViT + digit-image task fine-tunes, for AdaMerging)."),
     size: str = typer.Option("small", "--size", help="tiny (seconds, tests), small (demo, minutes), medium (~250M params, benchmarks)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Target directory (default: $EVOMERGE_CACHE/zoo/KIND-SIZE-seedN)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and training."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for data, initialisation and training."),
     force: bool = typer.Option(False, "--force", help="Replace a zoo of a different spec at --out (never a non-zoo directory)."),
 ) -> None:
     """Build a model zoo locally, deterministically and without hub access.
@@ -169,7 +169,7 @@ def adamerge_cmd(
     one coefficient per task (task-wise), per task and layer (layer-wise) or
     per task and tensor, trained with Adam to minimise the merged model's
     prediction entropy on each task's unlabeled inputs; no labels are used.
-    Writes the merged model, its mergekit recipe (recipe.yaml) and
+    Writes the merged model, its mergekit recipe (mergekit_config.yml) and
     adamerging.json (coefficients, entropy before/after, losses).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -360,7 +360,7 @@ def resume(
 @app.command("status")
 def status(
     run_dir: Path = typer.Argument(..., help="Run directory."),
-    top: int = typer.Option(5, "--top", help="Best candidates to list."),
+    top: int = typer.Option(5, "--top", min=1, help="Best candidates to list."),
 ) -> None:
     """Show a run's progress: counts, failures and its best candidates.
 

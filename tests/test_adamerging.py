@@ -151,6 +151,19 @@ def test_bad_inputs_are_clear_errors(tiny_zoo, tmp_path, tasks):
 
     with pytest.raises(EvomergeError, match="--device 'tpu': use cpu, cuda or cuda:N"):
         adamerge_to_dir(cfg, tmp_path / "out", device="tpu")
+    # unlabeled inputs that are blank, not text, or of a shape the model cannot take
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"prompt": "ab", "task": "copy"}\n{"prompt": "", "task": "copy"}\n')
+    data = cfg.model_dump(mode="json")
+    data["tasks"][0]["unlabeled"] = str(blank)
+    with pytest.raises(EvomergeError, match=r"blank.jsonl: the 'prompt' of row 2 of task 'copy' is '', not a non-empty"):
+        AdaMergingConfig.model_validate(data).build_tasks()
+    blank.write_bytes(b'{"prompt": "\xff\xfe", "task": "copy"}\n')
+    with pytest.raises(EvomergeError, match="blank.jsonl: not a text file"):
+        AdaMergingConfig.model_validate(data).build_tasks()
+    wide = [EntropyTask(t.name, t.source, {**t.inputs, "input_ids": t.inputs["input_ids"][:, None]}) for t in tasks]
+    with pytest.raises(EvomergeError, match="the model cannot run on the tasks' unlabeled inputs"):
+        adamerge(tiny_zoo.models["base"], wide, AdaMergingSettings(steps=1), device="cpu")
     data = cfg.model_dump(mode="json")
     data["tasks"][0]["head"] = ["no_such_tensor"]
     with pytest.raises(EvomergeError, match="no tensor starts with head prefix no_such_tensor"):

@@ -111,6 +111,8 @@ def _npz_inputs(task: TaskConfig) -> dict[str, torch.Tensor]:
     from evomerge.evaluation.base import read_npz
 
     array = read_npz(task.unlabeled, (task.input_key,), task.limit)[task.input_key]
+    if array.dtype.kind not in "biuf":
+        raise EvomergeError(f"{task.unlabeled}: {task.input_key} holds {array.dtype} values, not numbers")
     return {task.input_key: torch.from_numpy(np.ascontiguousarray(array)).float()}
 
 
@@ -119,7 +121,11 @@ def _text_inputs(task: TaskConfig, tokenizer) -> dict[str, torch.Tensor]:
 
     keys = (task.field, *task.where)
     rows = [r for r in read_jsonl_rows(task.unlabeled, keys) if all(r[k] == v for k, v in task.where.items())]
-    prompts = [str(r[task.field]) for r in rows][: task.limit]
+    prompts = [r[task.field] for r in rows][: task.limit]
+    blank = next((i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()), None)
+    if blank is not None:
+        raise EvomergeError(f"{task.unlabeled}: the {task.field!r} of row {blank + 1} of task {task.label!r} "
+                            f"is {prompts[blank]!r}, not a non-empty text")
     if not prompts:
         raise EvomergeError(f"{task.unlabeled}: no unlabeled rows for task {task.label!r} (where {task.where})")
     (batch,) = tokenize_batches(tokenizer, prompts, len(prompts), "left")

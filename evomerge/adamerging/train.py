@@ -146,7 +146,11 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
 
     probe = [{k: v.to(device) for k, v in t.inputs.items()} for t in tasks]
     with torch.no_grad():
-        initial = float(loss_on(probe)) / len(tasks)
+        try:
+            initial = float(loss_on(probe)) / len(tasks)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # inputs of the wrong shape or kind
+            raise EvomergeError(f"adamerging: the model cannot run on the tasks' unlabeled inputs "
+                                f"({type(exc).__name__}: {exc})") from None
     losses: list[float] = []
     stopped = None
     for step in range(settings.steps):

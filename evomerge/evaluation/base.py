@@ -90,6 +90,8 @@ def read_jsonl_rows(path: str | Path, fields: tuple[str, ...], limit: int | None
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{path}: not a text file (it is not UTF-8)") from None
     want = " and ".join(repr(f) for f in fields)
     for number, line in enumerate(lines, 1):
         if not line.strip():
