@@ -104,9 +104,9 @@ def test_unknown_and_mismatched_models(tiny_zoo, tmp_path):
     data = yaml.safe_load(path.read_text())
     data["models"]["sources"].append(str(tmp_path / "nowhere"))
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(EvomergeError, match="nowhere'.*no such file or directory"):
+    with pytest.raises(EvomergeError, match=r"models.sources\[3\]: '.*nowhere': no such file or directory"):
         load(path)
-    with pytest.raises(EvomergeError, match="zoo:lm/tiny/missing.*has no model 'missing'"):
+    with pytest.raises(EvomergeError, match="models.base: .*zoo:lm/tiny/missing.*has no model 'missing'"):
         SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path)).with_overrides(
             models={"base": "zoo:lm/tiny/missing", "sources": ["x"]}).resolved()
 

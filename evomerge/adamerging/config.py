@@ -75,14 +75,14 @@ class AdaMergingConfig(AdaMergingSettings):
         """The config with model and data references made absolute (building zoo models on first use)."""
         from evomerge.spaces.models import resolve_ref
 
-        def ref(r: str) -> str:
-            return resolve_ref(r, relative_to=relative_to, progress=progress)
+        def ref(r: str, key: str) -> str:
+            return resolve_ref(r, relative_to=relative_to, progress=progress, key=key)
 
         data = self.model_dump(mode="json")
-        data["base_model"] = ref(self.base_model)
-        for task in data["tasks"]:
-            task["model"] = ref(task["model"])
-            task["unlabeled"] = ref(task["unlabeled"])
+        data["base_model"] = ref(self.base_model, "base_model")
+        for i, task in enumerate(data["tasks"]):
+            task["model"] = ref(task["model"], f"tasks[{i}].model")
+            task["unlabeled"] = ref(task["unlabeled"], f"tasks[{i}].unlabeled")
         return type(self).model_validate(data)
 
     def build_tasks(self) -> list[EntropyTask]:

@@ -10,16 +10,21 @@ from evomerge.io.model_dir import ModelDir
 from evomerge.zoo.registry import ZOO_PREFIX, resolve_zoo_ref
 
 
-def resolve_ref(ref: str, *, relative_to: Path | None = None, progress=None) -> str:
-    """Absolute path for a model, directory or file reference (``zoo:…`` or a path)."""
-    if ref.startswith(ZOO_PREFIX):
-        return str(resolve_zoo_ref(ref, progress=progress))
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and not path.exists() and relative_to is not None and (relative_to / path).exists():
-        path = relative_to / path
-    if not path.exists():
-        raise EvomergeError(f"{ref!r}: no such file or directory")
-    return str(path.resolve())
+def resolve_ref(ref: str, *, relative_to: Path | None = None, progress=None, key: str | None = None) -> str:
+    """Absolute path for a model, directory or file reference (``zoo:…`` or a path); errors name ``key``."""
+    try:
+        if ref.startswith(ZOO_PREFIX):
+            return str(resolve_zoo_ref(ref, progress=progress))
+        path = Path(ref).expanduser()
+        if not path.is_absolute() and not path.exists() and relative_to is not None and (relative_to / path).exists():
+            path = relative_to / path
+        if not path.exists():
+            raise EvomergeError(f"{ref!r}: no such file or directory")
+        return str(path.resolve())
+    except EvomergeError as exc:
+        if key is None:
+            raise
+        raise EvomergeError(f"{key}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -115,15 +115,16 @@ class SearchSpace(_Strict):
 
     def resolved(self, *, relative_to: Path | None = None, progress=None) -> SearchSpace:
         """The space with references made absolute (building zoo models on first use)."""
-        def ref(r: str) -> str:
-            return resolve_ref(r, relative_to=relative_to, progress=progress)
+        def ref(r: str, key: str | None = None) -> str:
+            return resolve_ref(r, relative_to=relative_to, progress=progress, key=key)
 
         data = self.model_dump(mode="json")
-        data["models"] = {"base": ref(self.models.base), "sources": [ref(s) for s in self.models.sources]}
+        data["models"] = {"base": ref(self.models.base, "models.base"),
+                          "sources": [ref(s, f"models.sources[{i}]") for i, s in enumerate(self.models.sources)]}
         genome = data["genome"]
         for g in (genome, genome.get("dataflow") or {}):
             if g.get("anchor"):
-                g["anchor"] = ref(g["anchor"])
+                g["anchor"] = ref(g["anchor"], "genome.anchor")
         surrogate = (data.get("surrogate") or {}).get("evaluators", [])
         for spec in [*data["objective"]["evaluators"], *surrogate]:
             for key in PATH_SETTINGS:
