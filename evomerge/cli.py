@@ -385,7 +385,8 @@ def status(
                       + (f"{screened} screened out by the surrogate, " if screened else "")
                       + f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
     if not journal:
-        out_console.print(f"no evaluations journaled yet; continue with: evomerge resume {run_dir}", soft_wrap=True)
+        out_console.print("no evaluations journaled yet; " + (
+            "its search is starting" if run.busy else f"continue with: evomerge resume {run_dir}"), soft_wrap=True)
         return
     grid = Table(title=f"best {top} (validation)")
     for col in ["rank", "id", *names, "layers", "seconds"]:

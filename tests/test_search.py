@@ -276,10 +276,10 @@ def test_one_process_searches_a_run_and_export_force_spares_it(reference_run, tm
     run, _ = reference_run
     before = run.journal_file.read_bytes()
     with run.lock():
+        assert run.busy
         second = _run_cli("resume", run.path, "--local", "--no-export")
     assert second.returncode == 2 and "another evomerge process is searching in this run" in second.stderr
-    with run.lock():  # released when the holder ends
-        pass
+    assert not run.busy  # released when the holder ends
     for out in (run.path, run.path.parent):
         result = _run_cli("export", run.path, out, "--force", "--no-score")
         assert result.returncode == 2 and f"holds {run.path}, an input" in " ".join(result.stderr.split())

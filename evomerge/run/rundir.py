@@ -127,6 +127,21 @@ class RunDir:
             os.close(fd)
 
     @property
+    def busy(self) -> bool:
+        """Whether a process is searching in this run now (holds ``lock``); looks without creating anything."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    @property
     def started(self) -> bool:
         """Whether any evaluation of this run (or of its stages) has been journaled."""
         return any(self.path.rglob(JOURNAL))
