@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+
+log = logging.getLogger(__name__)
 
 
 def check_writable_parent(path: Path) -> None:
@@ -55,7 +59,9 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     final = Path(final)
     check_writable_parent(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    prefix = f".{final.name}.tmp-"
+    remove_abandoned(final.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=final.parent))
     # mkdtemp makes the directory private (0700); the output should get the
     # permissions of any directory the user creates.
     umask = os.umask(0)
@@ -75,6 +81,30 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Delete the temp directories ``prefix<pid>-*`` under ``parent`` whose process is gone.
+
+    A process killed mid-write (``kill -9``, OOM) cannot clean up, and the
+    temp copy of a 7B model is ~15 GB. A directory whose process still runs,
+    or whose name carries no pid, is left alone.
+    """
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing %s, left by a process that was stopped while writing it", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read_json(file: Path, missing: str) -> Any:

@@ -386,6 +386,28 @@ def test_tokenizer_source_must_hold_a_tokenizer(zoo, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_write_killed_midway_leaves_nothing_for_long(zoo, tmp_path):
+    """A merge killed while writing leaves its temp directory behind; the next write next to it removes
+    it, but never the temp directory of a process that still runs."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    abandoned = tmp_path / f".out.tmp-{gone.pid}-abc"  # named as atomic_dir names it
+    abandoned.mkdir()
+    (abandoned / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    running = tmp_path / f".out.tmp-{os.getpid()}-def"  # this process is alive
+    running.mkdir()
+    r = recipe({"merge_method": "ties", "base_model": zoo["base"],
+                "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0, "density": 0.5}}]})
+    merge_to_dir(r, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").exists()
+    assert not abandoned.exists() and running.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])
+
+
 def test_layer_range_beyond_the_model(zoo, tmp_path):
     r = recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": zoo["base"], "layer_range": [0, 5]}]}]})
     with pytest.raises(EvomergeError, match=r"layer_range \[0, 5\] .* exceeds its 2 layers"):
