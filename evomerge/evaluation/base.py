@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.yamlconfig import read_text
 
 
 class EvaluationError(EvomergeError):
@@ -86,12 +87,7 @@ def read_jsonl_rows(path: str | Path, fields: tuple[str, ...], limit: int | None
     """The ``fields`` of each line of a JSONL file (at most ``limit`` rows), with errors naming file and line."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise EvomergeError(f"{path}: cannot read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise EvomergeError(f"{path}: not a text file (it is not UTF-8)") from None
+    lines = read_text(path).splitlines()
     want = " and ".join(repr(f) for f in fields)
     for number, line in enumerate(lines, 1):
         if not line.strip():

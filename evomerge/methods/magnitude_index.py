@@ -55,21 +55,23 @@ def expand(values, sizes, *, dtype: torch.dtype, device) -> torch.Tensor:
 class Cut:
     """TIES cuts of the tensors of one block, as ``MagnitudeIndex.cut`` finds them.
 
-    Tensor ``s`` keeps the entries whose magnitude is not at or below
-    ``bounds[s]`` (-inf: all; NaN survives, as export's threshold lets it)
-    except ``members[dropped]``, entries equal to their tensor's cut beyond
-    the k kept (ties go to the lowest indices); ``emptied`` tensors keep
-    nothing. Equivalently, it drops the entries below ``values[s]`` and those
-    equal to it after position ``last[s]``.
+    Tensor ``s`` keeps the entries whose magnitude is not below ``values[s]``
+    (its k-th largest; -inf: all; NaN survives, as export's threshold lets it)
+    except ``members[dropped]``, entries equal to it beyond the k kept (ties go
+    to the lowest indices: those after position ``last[s]``); ``emptied``
+    tensors keep nothing.
     """
 
-    bounds: torch.Tensor  # float32, one per tensor, on the block's device
-    values: torch.Tensor  # each tensor's k-th largest magnitude (the bound where there is no cut)
+    values: torch.Tensor  # float32, one per tensor, on the block's device: -inf whole, +inf emptied
     last: torch.Tensor  # block position of each tensor's k-th largest (-1: no cut): ties after it are dropped
-    emptied: tuple[int, ...]  # the tensors cut to nothing (k = 0; bound +inf)
-    trimmed: bool  # whether any bound is above -inf
+    emptied: tuple[int, ...]  # the tensors cut to nothing (k = 0)
     members: torch.Tensor  # block positions of the cut buckets' entries (int64)
     dropped: torch.Tensor  # per member: whether it is dropped as a surplus tie
+
+    @property
+    def trimmed(self) -> bool:
+        """Whether any tensor loses entries (a bucket was searched for every tensor with a cut)."""
+        return bool(self.emptied) or self.members.numel() > 0
 
 
 class MagnitudeIndex:
@@ -110,7 +112,7 @@ class MagnitudeIndex:
         """
         cut = self.cut(high_half(magnitude), magnitude.__getitem__, ks)
         if cut.trimmed:
-            self._zero_at_or_below_(magnitude, cut)
+            self._zero_below_(magnitude, cut)
         if cut.members.numel():
             magnitude.index_put_((cut.members,), magnitude[cut.members].masked_fill_(cut.dropped, 0.0))
         return magnitude
@@ -125,15 +127,15 @@ class MagnitudeIndex:
         """
         sizes = self.sizes
         device = high.device
-        # per tensor, entries <= bound are zeroed: -inf keeps a tensor whole, +inf drops it (k = 0)
-        bound_of = [float("inf") if k <= 0 < n else float("-inf") for k, n in zip(ks, sizes)]
-        emptied = tuple(s for s, b in enumerate(bound_of) if b > 0)
+        # per tensor, entries below its value are zeroed: -inf keeps a tensor whole, +inf drops it (k = 0)
+        value_of = [float("inf") if k <= 0 < n else float("-inf") for k, n in zip(ks, sizes)]
+        emptied = tuple(s for s, v in enumerate(value_of) if v > 0)
         need = [s for s, (k, n) in enumerate(zip(ks, sizes)) if 0 < k < n]
+        values = _on(value_of, torch.float32, device)
         last = torch.full((len(sizes),), -1, dtype=torch.int64, device=device)
         if not need:
-            bounds = _on(bound_of, torch.float32, device)
             none = torch.zeros(0, dtype=torch.int64, device=device)
-            return Cut(bounds, bounds, last, emptied, bool(emptied), none, none.bool())
+            return Cut(values, last, emptied, none, none.bool())
         segs = np.asarray(need, dtype=np.int64)
         k = np.asarray([ks[s] for s in need], dtype=np.int64)
         # the bucket holding each tensor's k-th largest, the entries above it and in it
@@ -143,8 +145,8 @@ class MagnitudeIndex:
         count = self.keys[pos] - segs * _SEG - above
         members = self._members(high, need, bucket.tolist(), count.tolist())
         seg_of = torch.searchsorted(self.starts, members, right=True) - 1
-        values = magnitude_at(members)
-        low = values.view(torch.int32) & 0xFFFF
+        found = magnitude_at(members)
+        low = found.view(torch.int32) & 0xFFFF
         # within a tensor: largest first; stable, so equal values stay in index order. int32 keys
         # where they fit (under 2**15 tensors in the block) halve the radix sort's passes on CUDA
         key_dtype = torch.int32 if len(sizes) < 1 << 15 else torch.int64
@@ -154,11 +156,7 @@ class MagnitudeIndex:
         p = _on((np.cumsum(count) - count + (k - above) - 1).tolist(), torch.int64, device)
         segs_t = _on(need, torch.int64, device)
         cut_key = order_key[p]
-        bounds = _on(bound_of, torch.float32, device)
-        cut = values[perm[p]]
-        bounds[segs_t] = torch.nextafter(cut, torch.full_like(cut, -1.0))
-        cut_values = bounds.clone()
-        cut_values[segs_t] = cut
+        values[segs_t] = found[perm[p]]
         last[segs_t] = members[p]
         # entries equal to the cut beyond the k kept: later in sorted order, with the cut's key
         last_kept = torch.full((len(sizes),), members.numel(), dtype=torch.int64, device=device)
@@ -168,7 +166,7 @@ class MagnitudeIndex:
         seg_sorted = (order_key >> 16).long()
         j = torch.arange(members.numel(), device=device)
         dropped = (j > last_kept[seg_sorted]) & (order_key == cut_of[seg_sorted])
-        return Cut(bounds, cut_values, last, emptied, True, members, dropped)
+        return Cut(values, last, emptied, members, dropped)
 
     def _members(self, high: torch.Tensor, need: list[int], bucket: list[int], count: list[int]) -> torch.Tensor:
         """Ascending indices of the entries of each tensor ``need[q]`` whose high half is ``bucket[q]``.
@@ -188,24 +186,26 @@ class MagnitudeIndex:
         per_entry = expand(target, self.sizes, dtype=torch.int16, device=high.device)
         return torch.nonzero_static(high == per_entry, size=sum(count)).squeeze(1)
 
-    def _zero_at_or_below_(self, magnitude: torch.Tensor, cut: Cut) -> None:
-        """Zero each tensor's entries at or below its bound (-inf: none), and all of those cut to nothing.
+    def _zero_below_(self, magnitude: torch.Tensor, cut: Cut) -> None:
+        """Zero each tensor's entries below its cut value (-inf: none), and all of those cut to nothing.
 
         One masked fill on CUDA; a threshold per tensor on a CPU, where a masked
         fill over a block is ~15x slower. Both keep NaN entries (which only a
         broken source produces; the candidate then fails its finiteness check)
         unless the whole tensor is dropped, as export's ``RankCut`` does.
         """
+        # the float32 just below each value: what the threshold (keeping x > bound) keeps is x >= value
+        bounds = torch.nextafter(cut.values, torch.full_like(cut.values, float("-inf")))
         if magnitude.device.type != "cpu":
-            per_entry = expand(cut.bounds.unbind(), self.sizes, dtype=cut.bounds.dtype, device=cut.bounds.device)
+            per_entry = expand(bounds.unbind(), self.sizes, dtype=bounds.dtype, device=bounds.device)
             magnitude.masked_fill_(magnitude <= per_entry, 0.0)
             for s in cut.emptied:
                 magnitude[self.offsets[s]:self.offsets[s + 1]].zero_()
             return
-        for a, b, bound in zip(self.offsets, self.offsets[1:], cut.bounds.tolist()):
-            if bound == float("inf"):
+        for a, b, value, bound in zip(self.offsets, self.offsets[1:], cut.values.tolist(), bounds.tolist()):
+            if value == float("inf"):
                 magnitude[a:b].zero_()
-            elif bound > float("-inf"):
+            elif value > float("-inf"):
                 torch.nn.functional.threshold(magnitude[a:b], bound, 0.0, inplace=True)
 
 

@@ -210,11 +210,9 @@ class Runner:
         self.done[candidate.id] = evaluation
         self._count(evaluation)
         self.progress.session_done += 1
-        if not evaluation.ok and self.progress.best is None and self.progress.failed >= FAIL_FAST:
-            errors = {e.error for e in self.done.values()}
-            if len(errors) == 1 and all(not e.ok for e in self.done.values()):
-                raise EvomergeError(f"the first {len(self.done)} candidates all failed with the same error, "
-                                    f"a misconfiguration rather than bad luck: {evaluation.error}")
+        if self.progress.failed == len(self.done) >= FAIL_FAST and len({e.error for e in self.done.values()}) == 1:
+            raise EvomergeError(f"the first {len(self.done)} candidates all failed with the same error, "
+                                f"a misconfiguration rather than bad luck: {evaluation.error}")
         return evaluation
 
     # -- loop ----------------------------------------------------------------
