@@ -1,6 +1,7 @@
 """Per-candidate materialization: resident in-place vs disk round-trip, plus one lm-eval scoring.
 
-For the small and medium LM zoos, times a few TIES candidates in the same run:
+For the small and medium LM zoos, times a few candidates of each method
+(TIES and task arithmetic by default) in the same run:
 `ResidentMerger.materialize` (in place into one live model; blockwise with the
 pool on the device -- on a CPU with the compiled kernels of `materialize.fused`
 where the model is large enough, and without them --, the per-tensor export
@@ -8,11 +9,16 @@ kernels on the same pool, blockwise with the pool read from disk per
 candidate) and the disk round trip a search without it would do (`evomerge
 merge` to a temp dir, then `from_pretrained`). Prints seconds per candidate,
 ratios against the disk round trip, the effective memory traffic, the memory
-plan and the magnitude indexes' size. On the small zoo it also times one
+plan and the magnitude indexes' size. A last row is the machine's ceiling: one
+compiled pass that reads the resident base and sources and writes a model
+(a weighted sum, the least any merge does), so its ratio is the most any
+materialization can reach here -- on a 2-core CPU it is below 20x for the
+medium zoo. On the small zoo it also times one
 lm-eval scoring of a candidate and splits it into model forward time and
 harness overhead.
 
-    python benchmarks/materialize.py [--sizes small medium] [--candidates 3] [--device cuda] [--no-eval]
+    python benchmarks/materialize.py [--sizes small medium] [--methods ties task_arithmetic] [--candidates 3]
+                                     [--device cuda] [--no-eval]
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ import time
 from pathlib import Path
 
 
-def ties(zoo, density: float, weight: float):
+def candidate(zoo, method: str, density: float, weight: float):
+    """A ``method`` merge of the zoo's fine-tunes onto its base (``density`` where the method trims)."""
+    from evomerge.methods.registry import get_method
     from evomerge.recipe import Recipe
 
     m = {k: str(v) for k, v in zoo.models.items()}
+    trims = "density" in get_method(method).source_params
+    params = {"weight": weight, "density": density} if trims else {"weight": weight}
     return Recipe.model_validate({
-        "merge_method": "ties", "base_model": m["base"],
-        "models": [{"model": m[t], "parameters": {"weight": weight, "density": density}} for t in zoo.finetune_tasks],
+        "merge_method": method, "base_model": m["base"],
+        "models": [{"model": m[t], "parameters": params} for t in zoo.finetune_tasks],
     })
 
 
@@ -52,7 +62,38 @@ def per_candidate(fn, recipes, device: str) -> float:
     return (time.perf_counter() - start) / len(recipes)
 
 
-def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
+def ceiling(merger, sources) -> callable:
+    """One pass over the pool per candidate: ``base + sum(w * (source - base))``, block by block.
+
+    Compiled where ``torch.compile`` works (one read of every input, one write),
+    eager otherwise; the bound a candidate's materialization cannot beat.
+    """
+    import torch
+
+    def weighted_sum(base, rows, weight):
+        b = base.float()
+        total = b
+        for i, row in enumerate(rows):
+            total = total + (row.float() - b) * weight[i]
+        return total.to(base.dtype)
+
+    try:
+        kernel = torch.compile(weighted_sum, dynamic=True)
+    except Exception:  # noqa: BLE001 -- no compiler: the eager passes still bound from above
+        kernel = weighted_sum
+    base = merger.pool[merger.base]
+    pool = [merger.pool[str(s)] for s in sources]
+
+    def run(recipe) -> None:
+        # a tensor, not floats: dynamo would compile again for every new weight
+        weight = torch.tensor([float(m.parameters["weight"]) for m in recipe.models], device=merger.device)
+        for b in range(len(base.blocks)):
+            kernel(base.block(b), [p.block(b) for p in pool], weight)
+
+    return run
+
+
+def bench_size(size: str, method: str, n: int, device: str, evaluate: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from evomerge.materialize.export import merge_to_dir
@@ -62,7 +103,7 @@ def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
     from evomerge.zoo import build_zoo
 
     zoo = build_zoo("lm", size)
-    recipes = [ties(zoo, 0.2 + 0.7 * i / max(1, n - 1), 0.5 + 0.1 * i) for i in range(n)]
+    recipes = [candidate(zoo, method, 0.2 + 0.7 * i / max(1, n - 1), 0.5 + 0.1 * i) for i in range(n)]
     sources = [zoo.models[t] for t in zoo.finetune_tasks]
     start = time.perf_counter()
     merger = ResidentMerger(zoo.models["base"], sources, device=device)
@@ -95,11 +136,12 @@ def bench_size(size: str, n: int, device: str, evaluate: bool) -> None:
         synchronize(device)
         disk = (time.perf_counter() - start) / n
     rows.append(("disk round trip", disk))
+    rows.append(("ceiling: one read-write pass", per_candidate(ceiling(merger, sources), recipes, device)))
     model_bytes = sum(p.numel() * p.element_size() for p in merger.model.parameters())
     traffic = model_bytes * (len(zoo.finetune_tasks) + 2)  # read base + sources, write the live model
     params = sum(p.numel() for p in merger.model.parameters())
     print(f"[{size}] {params / 1e6:.1f}M params ({next(merger.model.parameters()).dtype}), "
-          f"TIES of {len(zoo.finetune_tasks)}, {n} candidates on {device}; resident setup {setup:.2f} s")
+          f"{method} of {len(zoo.finetune_tasks)}, {n} candidates on {device}; resident setup {setup:.2f} s")
     print(f"  {merger.memory.describe()}")
     print(f"  magnitude indexes: {index_bytes / 1e6:.2f} MB = {100 * index_bytes / pool_bytes:.2f}% of the pool")
     for label, seconds in rows:
@@ -152,6 +194,7 @@ def merger_tokenizer(zoo):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"])
+    parser.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"])
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--device", default=None, help="cuda when a GPU is present, else cpu")
     parser.add_argument("--no-eval", action="store_true", help="skip the lm-eval scoring on the small zoo")
@@ -161,7 +204,8 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for size in args.sizes:
-        bench_size(size, args.candidates, device, evaluate=not args.no_eval)
+        for k, method in enumerate(args.methods):
+            bench_size(size, method, args.candidates, device, evaluate=not args.no_eval and k == 0)
 
 
 if __name__ == "__main__":

@@ -55,30 +55,53 @@ def test_compiled_merge_equals_eager_passes(dtype, case, monkeypatch):
     calls = []
     real = fused._compiled
     monkeypatch.setattr(fused, "_compiled", lambda name: calls.append(name) or real(name))
-    compiled = fused.merge(base, sources, cuts, **kwargs)
+    compiled, eager = torch.full_like(base, float("nan")), torch.full_like(base, float("nan"))
+    total = fused.merge(base, sources, cuts, out=compiled, **kwargs)
     assert calls == ["merge"] and not fused._broken
     monkeypatch.setattr(fused, "MIN_NUMEL", 1 << 40)  # every span eager
-    eager = fused.merge(base, sources, cuts, **kwargs)
-    assert compiled.dtype == dtype and torch.equal(compiled, eager)
-    assert not torch.equal(compiled, base)
+    eager_total = fused.merge(base, sources, cuts, out=eager, **kwargs)
+    assert torch.equal(compiled, eager) and not torch.equal(compiled, base)
+    for t in (total, eager_total):  # the NaN/Inf screen: a sum, in whatever order each route adds
+        torch.testing.assert_close(t, compiled.float().sum(), rtol=1e-5, atol=1e-3)
 
 
-def test_compiled_magnitude_equals_the_task_vector_magnitude():
+def test_compiled_high_halves_are_those_of_the_task_vector_magnitude(monkeypatch):
     base, sources = inputs(fused.MIN_NUMEL + 5, torch.bfloat16, seed=7)
-    assert torch.equal(fused.magnitude(base, sources[0]), task_vector(base.float(), sources[0]).abs())
+    sources[0][3] = float("nan")
+    magnitude = task_vector(base.float(), sources[0]).abs()
+    want = (magnitude.view(torch.int32) >> 16).to(torch.int16)
+    calls = []
+    real = fused._compiled
+    monkeypatch.setattr(fused, "_compiled", lambda name: calls.append(name) or real(name))
+    assert torch.equal(fused.high_halves(base, sources[0]), want) and calls == ["high_halves"]
+    at = fused.magnitude_at(base, sources[0])(torch.tensor([0, 3, 17]))
+    assert torch.equal(at.view(torch.int32), magnitude[[0, 3, 17]].view(torch.int32))  # NaN included
+
+
+def test_the_screen_sums_the_stored_values():
+    """A float16 merge that overflows stores inf: the sum returned with it must be inf too (not the float32 sum)."""
+    n = fused.MIN_NUMEL * 2
+    base = torch.zeros(n, dtype=torch.float16)
+    sources = [torch.full((n,), 30000.0, dtype=torch.float16) for _ in range(3)]
+    out = torch.zeros_like(base)
+    total = fused.merge(base, sources, [None] * 3, out=out, consensus=False, weight=[1.0] * 3, normalize=False,
+                        divisor=1.0, lam=1.0)
+    assert not fused._broken and out.isinf().all() and total.isinf()
 
 
 def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog):
     base, sources = inputs(fused.MIN_NUMEL, torch.float32, seed=3)
     kwargs = dict(consensus=True, weight=[0.4, 0.4, 0.4], normalize=True, divisor=1.2, lam=1.0)
-    want = fused.merge(base, sources, [None] * 3, **kwargs)
+    want, got = torch.empty_like(base), torch.empty_like(base)
+    fused.merge(base, sources, [None] * 3, out=want, **kwargs)
 
     def broken(name):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "_compiled", broken)
     monkeypatch.setattr(fused, "_broken", False)
-    assert torch.equal(fused.merge(base, sources, [None] * 3, **kwargs), want)
+    fused.merge(base, sources, [None] * 3, out=got, **kwargs)
+    assert torch.equal(got, want)
     assert fused._broken and "no C++ compiler" in caplog.text
 
 
@@ -100,9 +123,10 @@ def test_fused_block_merge_equals_the_eager_route_with_ties_at_the_cuts(monkeypa
         kwargs = [{"weight": [0.7, 0.4 + 0.1 * s, -0.3], "density": [d[s] for d in per_tensor],
                    "normalize": s != 2, "lambda_": 1.0 if s < 3 else 1.2, "rescale": False, "rescale_method": "l1"}
                   for s in range(len(sizes))]
-        eager, compiled = (merge_block(block, base, sources, kwargs, method="ties", indexes=indexes, fused=f)
-                           for f in (False, True))
+        (eager, eager_total), (compiled, total) = (
+            merge_block(block, base, sources, kwargs, method="ties", indexes=indexes, fused=f) for f in (False, True))
         assert torch.equal(compiled.view(torch.int16), eager.view(torch.int16)), densities
+        assert total.isnan() and eager_total.isnan()  # the surviving NaN reaches both screens
         for i, index in enumerate(indexes):
             ks = [int(kw["density"][i] * n) if kw["density"][i] < 1 else n for kw, n in zip(kwargs, sizes)]
             magnitude = task_vector(base.float(), sources[i]).abs()

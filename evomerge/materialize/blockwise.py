@@ -25,7 +25,7 @@ from evomerge.materialize import fused
 from evomerge.materialize.pool import Block
 from evomerge.methods import sparsify
 from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
-from evomerge.methods.magnitude_index import MagnitudeIndex, expand, high_half
+from evomerge.methods.magnitude_index import MagnitudeIndex, expand
 
 #: method -> (sparsifier, sign consensus), as registered in generalized_task_arithmetic
 BLOCKWISE = {
@@ -51,22 +51,27 @@ def keep_counts(density: Sequence[float], sizes: Sequence[int]) -> list[int]:
 
 def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:
     """The index of ``|source - base|`` over ``block`` (both flat, on one device)."""
-    return MagnitudeIndex(high_half(fused.magnitude(base, source)), block.sizes)
+    return MagnitudeIndex(fused.high_halves(base, source), block.sizes)
 
 
 def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
                 *, method: str, generators: Sequence[torch.Generator] | None = None,
-                indexes: Sequence[MagnitudeIndex] | None = None, fused: bool = False) -> torch.Tensor:
+                indexes: Sequence[MagnitudeIndex] | None = None, fused: bool = False,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The merge of every tensor of ``block`` (flat, in the base's dtype), as export computes it tensor by tensor.
 
     ``kwargs[s]`` are the planned kernel arguments of tensor ``s``; ``generators``
     (DARE) are the per-tensor generators export would seed; ``indexes`` (TIES)
     one per source. ``fused``: the tail after the weighted deltas runs through
-    ``materialize.fused`` per run of tensors sharing their parameters.
+    ``materialize.fused`` per run of tensors sharing their parameters. The
+    result is stored into ``out`` when given (flat, the base's dtype: the live
+    model's storage) and returned with its float32 sum, a screen for NaN and
+    Inf that the fused kernels compute in the same pass.
     """
     sparsifier, consensus = BLOCKWISE[method]
+    out = torch.empty(block.numel, dtype=base.dtype, device=base.device) if out is None else out
     if fused and sparsifier != "random" and not (sparsifier and any(kw["rescale"] for kw in kwargs)):
-        return _merge_fused(block, base, sources, kwargs, consensus, indexes)
+        return out, _merge_fused(block, base, sources, kwargs, consensus, indexes, out)
     sizes = block.sizes
     device = base.device
     base32 = base.float()
@@ -110,18 +115,19 @@ def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor
     lam = per_entry([kw["lambda_"] for kw in kwargs], sizes, device)
     if not (isinstance(lam, float) and lam == 1):
         mixed.mul_(lam)
-    return mixed.add_(base32).to(base.dtype)
+    out.copy_(mixed.add_(base32))
+    return out, out.sum(dtype=torch.float32)
 
 
 def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs, consensus: bool,
-                 indexes: Sequence[MagnitudeIndex] | None) -> torch.Tensor:
-    """``merge_block`` through ``materialize.fused`` (CPU).
+                 indexes: Sequence[MagnitudeIndex] | None, out: torch.Tensor) -> torch.Tensor:
+    """``merge_block`` through ``materialize.fused`` (CPU) into ``out``; returns the float32 sum of the result.
 
-    Each source's TIES cuts are found from its magnitudes (one compiled pass)
-    and applied inside the merge (per tensor: the k-th largest magnitude and
-    the position of the last tie kept), so no trimmed magnitudes are written.
-    One ``fused.merge`` runs per run of consecutive tensors with equal
-    parameters and cuts.
+    Each source's TIES cuts are found from the high halves of its magnitudes
+    (one compiled pass) and applied inside the merge (per tensor: the k-th
+    largest magnitude and the position of the last tie kept), so no trimmed
+    magnitudes are written. One ``fused.merge`` runs per run of consecutive
+    tensors with equal parameters and cuts.
     """
     sizes, offsets = block.sizes, block.offsets
     cuts = []  # per source and tensor: None (kept whole) or (k-th largest magnitude, its block position)
@@ -130,25 +136,24 @@ def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tenso
         if all(k >= n for k, n in zip(ks, sizes)):
             cuts.append([None] * len(sizes))
             continue
-        magnitude = fused.magnitude(base, source)
-        cut = indexes[i].cut(high_half(magnitude), magnitude.__getitem__, ks)
+        cut = indexes[i].cut(fused.high_halves(base, source), fused.magnitude_at(base, source), ks)
         cuts.append([None if k >= n else c for c, k, n in zip(zip(cut.values.tolist(), cut.last.tolist()), ks, sizes)])
 
     def params(s: int) -> tuple:
         kw = kwargs[s]
         return tuple(kw["weight"]), bool(kw["normalize"]), kw["lambda_"]
 
-    out = torch.empty(block.numel, dtype=base.dtype, device=base.device)
+    totals = []
     for ((weight, normalize, lam), span_cuts), run in itertools.groupby(
             range(len(sizes)), key=lambda s: (params(s), tuple(c[s] for c in cuts))):
         run = list(run)
         a, b = offsets[run[0]], offsets[run[-1] + 1]
         total = float(sum(weight))
         divisor = (1.0 if abs(total) < 1e-8 else total) if normalize else 1.0
-        out[a:b] = fused.merge(
+        totals.append(fused.merge(
             base[a:b], [t[a:b] for t in sources], [c if c is None else (c[0], c[1] - a) for c in span_cuts],
-            consensus=consensus, weight=list(weight), normalize=normalize, divisor=divisor, lam=lam)
-    return out
+            out=out[a:b], consensus=consensus, weight=list(weight), normalize=normalize, divisor=divisor, lam=lam))
+    return torch.stack(totals).sum()
 
 
 def _trim_(delta: torch.Tensor, block: Block, density: list[float], kwargs, index: MagnitudeIndex) -> None:

@@ -4,11 +4,13 @@ A TIES candidate made of eager operations reads and writes each block ~60
 times: per source the task vector, its magnitude, the trim, the sign, the
 weight; then the sign election, agreement, divisor, lambda, base and cast. On a
 CPU those passes are memory-bound. Here ``torch.compile`` turns them into two
-kernels: ``magnitude`` (``|source - base|`` in one pass, what the magnitude
-index finds the cuts in) and ``merge`` (task vectors from the sources, each
-trimmed at its cut -- the k-th largest magnitude and the index of the last tie
-kept -- signed and weighted, consensus or sum, normalize, lambda, base, cast:
-one pass over a run of tensors that share their parameters and cuts). They
+kernels: ``high_halves`` (the high 16 bits of ``|source - base|`` in one pass,
+where the magnitude index finds a cut's bucket members) and ``merge`` (task
+vectors from the sources, each trimmed at its cut -- the k-th largest
+magnitude and the index of the last tie kept -- signed and weighted, consensus
+or sum, normalize, lambda, base, cast: one pass over a run of tensors that
+share their parameters and cuts, stored straight into the live model, with the
+sum of what it stored for the finiteness check). They
 perform the float operations of the eager code (``blockwise.merge_block``,
 ``sign_consensus``, ``ordered_sum``) in the same order with one rounding each:
 Inductor's CPU code does not contract multiply-adds, and divides truly, as
@@ -27,10 +29,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
 from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
+from evomerge.methods.magnitude_index import high_half
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,8 @@ log = logging.getLogger(__name__)
 MIN_NUMEL = 1 << 14
 
 
-def _magnitude(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    return (source.float() - base.float()).abs()
+def _high_halves(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    return (((source.float() - base.float()).abs().view(torch.int32)) >> 16).to(torch.int16)
 
 
 def _rows(base32: torch.Tensor, sources, cuts, weight) -> list[torch.Tensor]:
@@ -65,7 +69,7 @@ def _rows(base32: torch.Tensor, sources, cuts, weight) -> list[torch.Tensor]:
 
 
 def _merge(base: torch.Tensor, sources, cuts, weight: torch.Tensor, divisor: torch.Tensor, lam: torch.Tensor,
-           *, consensus: bool, normalize: bool, nonnegative: bool) -> torch.Tensor:
+           out: torch.Tensor, *, consensus: bool, normalize: bool, nonnegative: bool) -> torch.Tensor:
     base32 = base.float()
     rows = _rows(base32, sources, cuts, weight)
     if consensus:
@@ -74,7 +78,10 @@ def _merge(base: torch.Tensor, sources, cuts, weight: torch.Tensor, divisor: tor
             mixed = mixed / agreement
     else:
         mixed = ordered_sum(rows) / divisor
-    return (mixed * lam + base32).to(base.dtype)
+    merged = (mixed * lam + base32).to(base.dtype)
+    # compiled, the kernel stores into ``out`` directly, and the sum shares its pass
+    out.copy_(merged)
+    return merged.float().sum()
 
 
 @functools.cache
@@ -82,7 +89,10 @@ def _compiled(name: str):
     # one compiled variant per dtype, source count and flag combination a search uses: allow more than
     # dynamo's default 8 before it falls back to running the Python eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile({"magnitude": _magnitude, "merge": _merge}[name], dynamic=True)
+    # emulated casts: the merge's sum must read the stored (rounded) values, or a float16 overflow to inf
+    # would pass the finiteness screen
+    return torch.compile({"high_halves": _high_halves, "merge": _merge}[name], dynamic=True,
+                         options={"emulate_precision_casts": True})
 
 
 _broken = False
@@ -101,15 +111,20 @@ def _run(name: str, *args, **kwargs):
         return None
 
 
-def magnitude(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``|source - base|`` in float32 (what TIES cuts), in one pass where compiled."""
-    out = _run("magnitude", base, source)
-    return out if out is not None else task_vector(base.float(), source).abs_()
+def high_halves(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``high_half(|source - base|)`` of the float32 magnitudes TIES cuts, contiguous, in one pass where compiled."""
+    out = _run("high_halves", base, source)
+    return out if out is not None else high_half(magnitude_at(base, source)(slice(None))).contiguous()
 
 
-def merge(base: torch.Tensor, sources, cuts, *, consensus: bool, weight: list[float], normalize: bool,
-          divisor: float, lam: float) -> torch.Tensor:
-    """One span's merge in the base's dtype, from the sources and their TIES cuts.
+def magnitude_at(base: torch.Tensor, source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``positions -> |source - base|`` at those positions, in float32: the magnitudes of ``high_halves``."""
+    return lambda positions: task_vector(base[positions].float(), source[positions]).abs_()
+
+
+def merge(base: torch.Tensor, sources, cuts, *, out: torch.Tensor, consensus: bool, weight: list[float],
+          normalize: bool, divisor: float, lam: float) -> torch.Tensor:
+    """One span's merge, stored into ``out`` (the base's dtype), from the sources and their TIES cuts.
 
     ``cuts[i]``: ``None`` (source i keeps every entry) or ``(value, last)``,
     the span's k-th largest magnitude of source i's task vector and its index
@@ -117,10 +132,11 @@ def merge(base: torch.Tensor, sources, cuts, *, consensus: bool, weight: list[fl
     consensus divisor sums those that agree), ``divisor`` the sum's normalizer
     without consensus (1: none). Compiled on a CPU for spans of at least
     ``MIN_NUMEL`` entries, eager otherwise; both give the same floats.
+    Returns the float32 sum of the merged values, a screen for NaN and Inf.
     """
     scalar = functools.partial(torch.tensor, dtype=torch.float32)
     cuts = [None if c is None else (scalar(c[0]), torch.tensor(c[1], dtype=torch.int64)) for c in cuts]
-    args = (base, list(sources), cuts, scalar(weight), scalar(divisor), scalar(lam))
+    args = (base, list(sources), cuts, scalar(weight), scalar(divisor), scalar(lam), out)
     flags = dict(consensus=consensus, normalize=normalize, nonnegative=all(w >= 0 for w in weight))
-    out = _run("merge", *args, **flags)
-    return out if out is not None else _merge(*args, **flags)
+    total = _run("merge", *args, **flags)
+    return total if total is not None else _merge(*args, **flags)

@@ -248,19 +248,19 @@ class ResidentMerger:
             elif sparsifier == "random":
                 generators = [torch.Generator(device=self.device).manual_seed(job_seed(seed, name))
                               for name in block.names]
-            out = merge_block(block, base_t, source_t, [jobs[name].kwargs for name in block.names],
-                              method=plan.method.name, generators=generators, indexes=indexes, fused=self.fused)
             # export's casts: the kernel returns the base's dtype, the job casts to its own
             cast = getattr(torch, jobs[block.names[0]].dtype)
             live = self._live_blocks[b] if own_layout else None
-            if live is not None and out.dtype == cast == live.dtype:
-                live.copy_(out)
-            else:
+            direct = live is not None and base_t.dtype == cast == live.dtype  # merged straight into the model
+            out, total = merge_block(block, base_t, source_t, [jobs[name].kwargs for name in block.names],
+                                     method=plan.method.name, generators=generators, indexes=indexes,
+                                     fused=self.fused, out=live if direct else None)
+            if not direct:
                 out = out.to(cast)
                 for name, shape, a, n in zip(block.names, block.shapes, block.offsets, block.sizes):
                     self._targets[name].copy_(out[a:a + n].view(shape))
-                live = out
-            sums.append(live.sum(dtype=torch.float32))  # float16 sums of finite entries could overflow
+                total = out.sum(dtype=torch.float32)  # float16 sums of finite entries could overflow
+            sums.append(total)
         # one finiteness check per candidate (a host sync per block would idle a GPU); a candidate
         # that fails it has been written, and the next one rewrites every tensor
         if not _all_finite(torch.stack(sums)):
