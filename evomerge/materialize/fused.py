@@ -43,7 +43,8 @@ MIN_NUMEL = 1 << 14
 
 
 def _high_halves(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    return (((source.float() - base.float()).abs().view(torch.int32)) >> 16).to(torch.int16)
+    # the int16 view's halves, not a shift: the shift and narrowing vectorize worse (1.2 vs 0.7 ms per 3M)
+    return high_half((source.float() - base.float()).abs()).contiguous()
 
 
 def _rows(base32: torch.Tensor, sources, cuts, weight) -> list[torch.Tensor]:
