@@ -115,7 +115,7 @@ def _expected_row(run: RunDir) -> list[str]:
     best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
     counts = [str(sum(e["status"] == s for e in full)) for s in ("ok", "failed", "oom")]
     return [f"{len(full)}/{run.space().budget}", *counts, str(len(lines) - len(full)),
-            f"{number(best['fitness'][0])} (#{best['id']})"]
+            f"{run.space().objective.names[0]} {number(best['fitness'][0])} (#{best['id']})"]
 
 
 def test_parameter_run_report(runs, reports):
@@ -175,6 +175,22 @@ def test_runs_are_overlaid_and_a_report_is_replaced_whole(runs, tmp_path):
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
 
 
+def test_runs_with_different_objectives_plot_each_on_its_own_axis(runs, tiny_zoo, tmp_path, monkeypatch):
+    from evomerge.report import plots
+
+    layers = _search(tiny_zoo, tmp_path, "layers", budget=2, genome={"type": "parameter", "method": "ties"},
+                     fitness=[{"name": "layers", "direction": "minimize", "metrics": ["merge/num_layers"]}])
+    figures = {}
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, file: figures.setdefault(file.name, fig) and real(fig, file))
+    write_report([runs["parameter"].path, layers.path, runs["dataflow"].path], tmp_path / "compare")
+    axes = [ax for ax in figures["progress.png"].axes if ax.get_xlabel() == "full evaluation"]
+    assert [ax.get_ylabel() for ax in axes] == ["exact_match", "layers"]
+    # per row, the runs that have that objective: a curve (step line) each
+    assert [sorted(line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_"))
+            for ax in axes] == [["dfs", "ties"], ["dfs", "layers"]]
+
+
 def test_journal_without_times_still_reports(runs, tmp_path):
     """Journals written before start/finish times were recorded: no wall-time plots, numbers still right."""
     run = RunDir(tmp_path / "old")
@@ -209,7 +225,7 @@ def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
     ok = [e for e in readable if e["status"] == "ok"]
     best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
     assert _overview_row(run.path / "report", "damaged")[3:9] == [
-        f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"{number(best['fitness'][0])} (#{best['id']})"]
+        f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"exact_match {number(best['fitness'][0])} (#{best['id']})"]
     status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
     assert status.returncode == 0 and "skipped 6 unreadable journal line(s)" in " ".join(status.stderr.split())
 

@@ -46,18 +46,21 @@ def _save(fig: Figure, file: Path) -> None:
 def progress(runs: list[ReportRun], file: Path) -> None:
     """Fitness of every full evaluation and the best so far, over evaluations and (when timed) wall time.
 
-    One row per objective, runs overlaid in their own colour; failed
-    evaluations are ticks on the bottom edge.
+    One row per objective name, runs overlaid in their own colour (runs with
+    different objectives each plot into their own rows, never onto another
+    metric's axis); failed evaluations are ticks on the bottom edge.
     """
-    rows = max(len(r.objectives) for r in runs)
+    names = list(dict.fromkeys(name for r in runs for name in r.objectives))
+    rows = len(names)
     timed = any(r.timed for r in runs)
     cols = 2 if timed else 1
     fig = Figure(figsize=(5.2 * cols, 3.4 * rows), layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    for k in range(rows):
+    for row, name in enumerate(names):
         for i, run in enumerate(runs):
-            if k >= len(run.objectives):
+            if name not in run.objectives:
                 continue
+            k = run.objectives.index(name)
             full = run.full
             values = objective_values(full, k)
             best = best_so_far(values, run.directions[k])
@@ -67,7 +70,7 @@ def progress(runs: list[ReportRun], file: Path) -> None:
                 xs["minutes"] = np.array([np.nan if e.finished is None or clock is None
                                           else (e.finished - clock.start) / 60 for e in full])
             for col, x in enumerate(xs.values()):
-                ax = axes[k, col]
+                ax = axes[row, col]
                 ok = np.array([v is not None for v in values])
                 ax.scatter(x[ok], [v for v in values if v is not None], s=12, alpha=0.45, color=_color(i),
                            linewidths=0)
@@ -76,15 +79,13 @@ def progress(runs: list[ReportRun], file: Path) -> None:
                 if (~ok).any():
                     ax.plot(x[~ok], np.full((~ok).sum(), 0.02), "|", color="tab:red", ms=8,
                             transform=ax.get_xaxis_transform())
-        names = {r.objectives[k] for r in runs if k < len(r.objectives)}
-        ylabel = names.pop() if len(names) == 1 else f"objective {k + 1}"
-        axes[k, 0].xaxis.get_major_locator().set_params(integer=True)
+        axes[row, 0].xaxis.get_major_locator().set_params(integer=True)
         if timed:
-            axes[k, 1].set_xlim(left=0)
+            axes[row, 1].set_xlim(left=0)
         for col, xlabel in enumerate(["full evaluation", "wall time (minutes)"][:cols]):
-            ax = axes[k, col]
+            ax = axes[row, col]
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(name)
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=_color(i), label=r.label) for i, r in enumerate(runs)]
     handles += [Line2D([], [], color=_color(0), marker="o", ls="", alpha=0.45, label="each evaluation"),

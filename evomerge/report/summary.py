@@ -59,7 +59,8 @@ def _overview(runs: list[ReportRun]) -> str:
         rows.append([
             run.label, run.genome_type, run.space.optimizer.name, f"{len(run.full)}/{run.space.budget}",
             str(run.count("ok")), str(run.count("failed")), str(run.count("oom")), str(len(run.screened)),
-            "—" if best is None else f"{number(best.fitness[0])} (#{best.id})",
+            # named: overlaid runs may optimize different objectives
+            "—" if best is None else f"{run.objectives[0]} {number(best.fitness[0])} (#{best.id})",
             "—" if clock is None else duration(clock.seconds), "—" if rate is None else f"{rate:.2f}",
         ])
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
