@@ -121,6 +121,12 @@ def test_zoo_of_other_spec_needs_force(tiny_zoo, tmp_path):
     with pytest.raises(EvomergeError, match="holds a different zoo"):
         build_zoo("lm", "tiny", out, seed=1)
     assert load_zoo(out).manifest["seed"] == 0
+    # --force replaces what a build wrote, never files of the user's kept beside it
+    (out / "my-runs").mkdir()
+    (out / "my-runs" / "notes.txt").write_text("precious")
+    with pytest.raises(EvomergeError, match=r"not part of the zoo \(my-runs\); --force would delete them"):
+        build_zoo("lm", "tiny", out, seed=1, force=True)
+    assert (out / "my-runs" / "notes.txt").read_text() == "precious" and load_zoo(out).manifest["seed"] == 0
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

@@ -74,8 +74,9 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
 
     Returns the zoo already there when it has the same fingerprint (nothing to
     build). Raises when ``out`` holds something else: a zoo of another spec
-    (unless ``force``) or any non-empty directory that is not a zoo (always, so a
-    user's files are never replaced). An empty directory is removed so the
+    (unless ``force``), a zoo with files of the user's beside it, or any
+    non-empty directory that is not a zoo (always: ``force`` replaces what a
+    build made, never a user's files). An empty directory is removed so the
     build can rename its temp dir into place.
     """
     if out.exists() and not out.is_dir():
@@ -91,11 +92,26 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
                 f"{out}: holds a different zoo ({manifest.get('kind')} {manifest.get('size')}, "
                 f"seed {manifest.get('seed')}); pass --force to replace it or choose another --out"
             )
+        extra = sorted(p.name for p in out.iterdir() if p.name not in _built_entries(manifest))
+        if extra:
+            raise EvomergeError(
+                f"{out}: holds files that are not part of the zoo ({', '.join(extra[:3])}"
+                f"{', ...' if len(extra) > 3 else ''}); --force would delete them: move them or choose another --out"
+            )
         return None
     if any(out.iterdir()):
         raise EvomergeError(f"{out}: directory is not empty and is not an evomerge zoo; choose another --out")
     shutil.rmtree(out)
     return None
+
+
+def _built_entries(manifest: dict) -> set[str]:
+    """The top-level names a zoo build writes: the manifest, the model directories, the task/data directory."""
+    names = {MANIFEST, str(manifest.get("tasks_dir", ""))}
+    models = manifest.get("models")
+    if isinstance(models, dict):
+        names |= {Path(str(rel)).parts[0] for rel in models.values() if Path(str(rel)).parts}
+    return names
 
 
 #: Prefix of model references that name a member of the embedded zoo, e.g. ``zoo:lm/small/shift``.
