@@ -115,9 +115,7 @@ class RunDir:
         killed process never leaves it stale.
         """
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             os.close(fd)
             raise EvomergeError(f"{self.path}: another evomerge process is searching in this run; "
                                 "wait for it to finish or stop it, then resume") from None
@@ -134,10 +132,7 @@ class RunDir:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
+            return not _try_lock(fd)  # taken only for this look: closing the file releases it
         finally:
             os.close(fd)
 
@@ -293,3 +288,12 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
                 return found
         return None
     return None if old == new else (path or "the space")
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive ``flock`` on ``fd`` unless another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
