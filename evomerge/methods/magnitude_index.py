@@ -176,7 +176,7 @@ class MagnitudeIndex:
         (``nonzero_static``: no host sync).
         """
         if high.device.type == "cpu":
-            values = high.numpy()
+            values = high.contiguous().numpy()  # strided compares run at half the speed
             parts = [np.flatnonzero(values[self.offsets[s]:self.offsets[s + 1]] == v) + self.offsets[s]
                      for s, v in zip(need, bucket)]
             return torch.from_numpy(np.concatenate(parts))
