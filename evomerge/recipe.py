@@ -94,6 +94,7 @@ class OutputSlice(_Strict):
     def _equal_lengths(self) -> OutputSlice:
         if not self.sources:
             raise ValueError("a slice needs at least one source")
+        _once([s.model for s in self.sources], "sources")
         lengths = {s.model: s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"slice sources span different numbers of layers: {lengths}")
@@ -137,6 +138,8 @@ class Recipe(_Strict):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty")
+        if self.models:
+            _once([m.model for m in self.models], "models")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty")
         return self
@@ -189,6 +192,16 @@ class Recipe(_Strict):
             if name is not None and name not in seen:
                 seen.append(name)
         return seen
+
+
+def _once(models: list[str], key: str) -> None:
+    """Refuse a model listed twice: mergekit keys its inputs by model, so it would merge it once."""
+    first: dict[str, int] = {}
+    for i, model in enumerate(models):
+        if model in first:
+            raise ValueError(f"{key}[{i}]: {model} is already {key}[{first[model]}]; each model takes one entry "
+                             "(mergekit merges a repeated model once): merge their parameters into one")
+        first[model] = i
 
 
 # -- parameter lookup ---------------------------------------------------------

@@ -176,6 +176,20 @@ def test_bad_inputs_are_clear_errors(tiny_zoo, tmp_path, tasks):
     # a source of another architecture
     with pytest.raises(EvomergeError, match="tensor 'model.embed_tokens.weight' has shape"):
         FunctionalMerge(tiny_zoo.models["base"], [_resized_copy(tiny_zoo, tmp_path)], granularity="task")
+    # one model in two tasks (its task vector counted twice); text prompts for a base without a tokenizer
+    data = cfg.model_dump(mode="json")
+    data["tasks"][1].update(model=data["tasks"][0]["model"], name="again")
+    with pytest.raises(EvomergeError, match=r"tasks\[1\] and tasks\[0\] both merge .*; give each model one task"):
+        AdaMergingConfig.model_validate(data).build_tasks()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_zoo.models["base"].iterdir():
+        if f.name == "config.json" or f.name.endswith((".safetensors", ".json")) and "token" not in f.name:
+            shutil.copy(f, bare / f.name)
+    data = {**cfg.model_dump(mode="json"), "base_model": str(bare)}
+    with pytest.raises(EvomergeError, match=r"tasks\[0\]\.unlabeled .*unlabeled.jsonl holds text prompts, but the base "
+                                            rf"model {bare} has no tokenizer"):
+        AdaMergingConfig.model_validate(data).build_tasks()
     path = tmp_path / "cfg.yaml"
     path.write_text(f"base_model: {tiny_zoo.models['base']}\ntasks: []\ngranularity: row\n")
     with pytest.raises(EvomergeError, match=r"cfg.yaml: line \d+: (tasks|granularity)"):

@@ -426,3 +426,55 @@ def test_arch_maps_for_gpt2_and_inferred_families():
     assert guessed.layer_of("backbone.blocks.3.w") == 3 and guessed.num_layers({"num_layers": 4}) == 4
     with pytest.raises(EvomergeError, match="cannot tell which tensors are per-layer"):
         arch_for({"model_type": "newthing"}, ["a.w", "b.w"])
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, "nope", 0.5])
+def test_flags_must_be_booleans(zoo, tmp_path, value):
+    data = {"merge_method": "ties", "base_model": zoo["base"], "parameters": {"normalize": value},
+            "models": [{"model": zoo["rev"], "parameters": {"weight": 0.5, "density": 0.5}}]}
+    with pytest.raises(EvomergeError, match=f"parameter 'normalize' must be true or false, got {value!r}"):
+        merge_to_dir(recipe(data), tmp_path / "out")
+
+
+def test_flags_spelled_as_strings_mean_what_they_say(zoo, tmp_path):
+    """``normalize: "false"`` is false (as mergekit's pydantic reads it), not a truthy string."""
+    data = {"merge_method": "ties", "base_model": zoo["base"],
+            "models": [{"model": zoo["rev"], "parameters": {"weight": 0.5, "density": 0.5}},
+                       {"model": zoo["sort"], "parameters": {"weight": 0.25, "density": 0.5}}]}
+    outs = {}
+    for label, flag in [("string", "false"), ("bool", False), ("true", True)]:
+        outs[label] = state(merge_to_dir(recipe({**data, "parameters": {"normalize": flag}}), tmp_path / label))
+    assert all(torch.equal(a, outs["bool"][k]) for k, a in outs["string"].items())
+    assert not all(torch.equal(a, outs["true"][k]) for k, a in outs["string"].items())
+
+
+def test_frankenmerge_of_models_of_other_widths_is_refused(zoo, tmp_path):
+    """Layers of a narrower model stacked under the base's config would write a model it cannot load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(zoo["base"])
+    config.hidden_size, config.intermediate_size, config.head_dim = 32, 64, 8
+    narrow = tmp_path / "narrow"
+    AutoModelForCausalLM.from_config(config).save_pretrained(narrow)
+    r = recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": zoo["base"], "layer_range": [0, 1]}]},
+        {"sources": [{"model": str(narrow), "layer_range": [1, 2]}]}]})
+    with pytest.raises(EvomergeError, match=r"output tensor model\.layers\.1\.\S+ would come from model\.layers\.1\.\S+ "
+                                            rf"of {narrow}, shape \[\d+(, \d+)?\], but the output takes its config "
+                                            rf"from {zoo['base']}, which has \[\d+(, \d+)?\] there"):
+        merge_to_dir(r, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_listed_twice_is_refused(zoo):
+    """mergekit keys its inputs by model and would merge a repeated one once; evomerge would count it twice."""
+    twice = {"merge_method": "linear", "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}},
+                                                  {"model": zoo["sort"], "parameters": {"weight": 1.0}},
+                                                  {"model": zoo["rev"], "parameters": {"weight": 2.0}}]}
+    with pytest.raises(EvomergeError, match=rf"cfg.yaml: .*models\[2\]: {zoo['rev']} is already models\[0\]"):
+        Recipe.from_yaml(yaml.safe_dump(twice), "cfg.yaml")
+    sliced = {"merge_method": "linear", "slices": [{"sources": [
+        {"model": zoo["rev"], "layer_range": [0, 2], "parameters": {"weight": 1.0}},
+        {"model": zoo["rev"], "layer_range": [0, 2], "parameters": {"weight": 1.0}}]}]}
+    with pytest.raises(EvomergeError, match=rf"sources\[1\]: {zoo['rev']} is already sources\[0\]"):
+        Recipe.from_yaml(yaml.safe_dump(sliced), "cfg.yaml")

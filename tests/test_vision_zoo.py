@@ -137,6 +137,18 @@ def test_bad_image_data_and_heads_are_named(tiny_vision_zoo, tmp_path):
     np.savez(bad_label, pixel_values=np.zeros((3, 1, 8, 8), np.float32), labels=np.array([1, 12, 3]))
     with pytest.raises(EvomergeError, match="y.npz: row 2: label 12 is not a class of the model"):
         build_evaluator({"type": "accuracy", "path": str(bad_label)}).setup(live, None)
+    # float labels: integral ones are their class, others are not truncated into one
+    np.savez(bad_label, pixel_values=np.zeros((3, 1, 8, 8), np.float32), labels=np.array([1.0, 2.0, 3.5]))
+    with pytest.raises(EvomergeError, match="y.npz: row 3: label 3.5 is not a class of the model"):
+        build_evaluator({"type": "accuracy", "path": str(bad_label)}).setup(live, None)
+    np.savez(bad_label, pixel_values=np.zeros((3, 1, 8, 8), np.float32), labels=np.array([1.0, 2.0, 3.0]))
+    build_evaluator({"type": "accuracy", "path": str(bad_label)}).setup(live, None)
+    nan = tmp_path / "nan.npz"
+    pixels = np.zeros((3, 1, 8, 8), np.float32)
+    pixels[1, 0, 2, 2] = np.nan
+    np.savez(nan, pixel_values=pixels, labels=np.array([1, 2, 3]))
+    with pytest.raises(EvomergeError, match=r"nan.npz: array 'pixel_values' holds NaN or Inf values \(row 1 first\)"):
+        build_evaluator({"type": "accuracy", "path": str(nan)}).setup(live, None)
     with pytest.raises(EvomergeError, match="no tensor starts with head prefix 'head.'"):
         build_evaluator({"type": "accuracy", "path": str(task_split(zoo, "digits", "test")),
                          "head_from": str(zoo.models["digits"]), "head_prefix": "head."}).setup(live, None)

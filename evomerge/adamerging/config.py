@@ -90,16 +90,28 @@ class AdaMergingConfig(AdaMergingSettings):
         names = [t.label for t in self.tasks]
         if len(set(names)) != len(names):
             raise EvomergeError(f"adamerging: task names repeat ({', '.join(names)}); give each task a distinct name")
+        first: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            if task.model in first:
+                # its task vector would be counted twice, and the exported recipe lists it twice (which mergekit
+                # rebuilds counting it once)
+                raise EvomergeError(f"adamerging: tasks[{i}] and tasks[{first[task.model]}] both merge {task.model}; "
+                                    "give each model one task (put all its unlabeled inputs in that task)")
+            first[task.model] = i
         tokenizer = None
         out = []
-        for task in self.tasks:
+        for i, task in enumerate(self.tasks):
             if task.unlabeled.endswith(".npz"):
                 inputs = _npz_inputs(task)
             else:
                 if tokenizer is None:
-                    from transformers import AutoTokenizer
+                    from evomerge.io.live import load_tokenizer
 
-                    tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+                    tokenizer = load_tokenizer(self.base_model)
+                    if tokenizer is None:
+                        raise EvomergeError(f"adamerging: tasks[{i}].unlabeled {task.unlabeled} holds text prompts, "
+                                            f"but the base model {self.base_model} has no tokenizer to read them "
+                                            "(an image model takes .npz inputs)")
                 inputs = _text_inputs(task, tokenizer)
             out.append(EntropyTask(task.label, task.model, inputs, _head(task)))
         return out

@@ -45,8 +45,10 @@ class AccuracyEvaluator(Evaluator):
             self.head.setup(model)
         if str(self.path).endswith(".npz"):
             arrays = read_npz(self.path, ("pixel_values", "labels"), self.limit)
-            labels = [int(v) for v in arrays["labels"]]
-            self._check_labels(labels, num_labels, {})
+            raw = arrays["labels"].tolist()
+            # 3.0 is class 3; 3.5 is no class (not truncated to one)
+            labels = [int(v) if isinstance(v, float) and v.is_integer() else v for v in raw]
+            self._check_labels(labels, num_labels, {}, raw=raw)
             self._batches = image_batches(arrays["pixel_values"], self.batch_size)
         else:
             rows = read_jsonl_rows(self.path, (self.input_field, self.label_field), self.limit)

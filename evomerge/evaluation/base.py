@@ -105,7 +105,10 @@ def read_jsonl_rows(path: str | Path, fields: tuple[str, ...], limit: int | None
 
 
 def read_npz(path: str | Path, keys: tuple[str, ...], limit: int | None = None) -> dict[str, Any]:
-    """Arrays ``keys`` of an ``.npz`` file (first ``limit`` rows), with errors naming file and key."""
+    """Arrays ``keys`` of an ``.npz`` file (first ``limit`` rows), with errors naming file and key.
+
+    Float arrays must be finite: a NaN input makes every score or loss NaN.
+    """
     import numpy as np
 
     try:
@@ -119,6 +122,10 @@ def read_npz(path: str | Path, keys: tuple[str, ...], limit: int | None = None) 
     lengths = {len(a) for a in arrays.values()}
     if len(lengths) != 1 or 0 in lengths:
         raise EvomergeError(f"{path}: arrays {', '.join(keys)} must hold the same, non-zero number of rows")
+    for key, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            row = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
+            raise EvomergeError(f"{path}: array {key!r} holds NaN or Inf values (row {row} first)")
     return arrays
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from evomerge.errors import EvomergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.methods.sparsify import RESCALE_METHODS
@@ -133,6 +135,7 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
         offset += sl.length
     for name in post:
         add(name, slices[-1], [name] * len(slices[-1].sources), 0.0, f"slices[{len(slices) - 1}]")
+    _check_output_shapes(jobs, reference, ref, where)
 
     config = dict(ref.config)
     if recipe.slices is not None:
@@ -206,13 +209,46 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
     )
 
 
+def _check_output_shapes(jobs: list[TensorJob], reference: str, ref, where: str) -> None:
+    """Every output tensor has the shape the reference model gives it, whose config the output takes.
+
+    A frankenmerge stacking layers of models of other widths (or taking the
+    LM head from a model with another vocabulary) would otherwise write a
+    model its own ``config.json`` cannot load.
+    """
+    arch = ref.arch
+    first_layer: dict[str, tuple[int, ...]] = {}  # suffix -> shape in the reference's first layer having it
+    for layer, suffixes in sorted(layout(ref).layers.items()):
+        for suffix in suffixes:
+            first_layer.setdefault(suffix, tuple(ref.infos[arch.layer_name(layer, suffix)].shape))
+    for job in jobs:
+        info = ref.infos.get(job.out_name)
+        parts = arch.split(job.out_name)
+        want = tuple(info.shape) if info is not None else first_layer.get(parts[1]) if parts else None
+        if want is not None and tuple(job.shape) != want:
+            model, name = job.base or job.sources[0]
+            raise EvomergeError(
+                f"{where}: output tensor {job.out_name} would come from {name} of {model}, shape {list(job.shape)}, "
+                f"but the output takes its config from {reference}, which has {list(want)} there; "
+                "models stacked or merged into one output must share their tensor shapes"
+            )
+
+
 def _typed(key: str, value: Any, default: Any, where: str) -> Any:
-    """A parameter value checked against its kind (its default's): numeric ones are finite numbers.
+    """A parameter value checked against its kind (its default's): numeric ones are finite numbers,
+    flags are booleans.
 
     YAML reads ``3e-1`` (no dot) as a string; such strings are read as the
-    number they spell, as mergekit's pydantic models do.
+    number they spell, and ``"false"``/``"no"``/``0`` as the flag they spell, as
+    mergekit's pydantic models do. Anything else is refused: ``normalize:
+    "false"`` taken as a true value would silently merge the opposite way.
     """
-    if isinstance(default, (str, bool)) or value is None or isinstance(value, bool):
+    if isinstance(default, bool):
+        try:
+            return _FLAG.validate_python(value)
+        except pydantic.ValidationError:
+            raise EvomergeError(f"{where}: parameter {key!r} must be true or false, got {value!r}") from None
+    if isinstance(default, str) or value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
         try:
@@ -222,6 +258,9 @@ def _typed(key: str, value: Any, default: Any, where: str) -> Any:
     if not math.isfinite(value):
         raise EvomergeError(f"{where}: parameter {key!r} must be a finite number, got {value}")
     return value
+
+
+_FLAG = pydantic.TypeAdapter(bool)
 
 
 @dataclass(frozen=True)
