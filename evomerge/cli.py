@@ -118,7 +118,7 @@ def merge(
     out_dir: Path = typer.Argument(..., help="Output Hugging Face model directory."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs: cpu or cuda."),
-    threads: int = typer.Option(2, "--threads", help="Tensors merged in parallel."),
+    threads: int = typer.Option(2, "--threads", min=1, help="Tensors merged in parallel."),
     seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="Seed for DARE/DELLA masks (default: the recipe's random_seed, else 0)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Cut output shards at this size."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickle *.bin checkpoints (can run code; only for sources you trust)."),

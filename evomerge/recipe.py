@@ -128,6 +128,8 @@ class Recipe(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
+        if v is not None:
+            v = v.removeprefix("torch.")  # mergekit reads torch.bfloat16 as bfloat16
         if v is not None and v not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {v!r}")
         return v

@@ -478,3 +478,23 @@ def test_a_model_listed_twice_is_refused(zoo):
         {"model": zoo["rev"], "layer_range": [0, 2], "parameters": {"weight": 1.0}}]}]}
     with pytest.raises(EvomergeError, match=rf"sources\[1\]: {zoo['rev']} is already sources\[0\]"):
         Recipe.from_yaml(yaml.safe_dump(sliced), "cfg.yaml")
+
+
+def test_non_finite_merges_are_named_not_written(zoo, tmp_path):
+    bad = _copy_model(zoo["rev"], tmp_path / "bad")
+    victim = "model.layers.1.mlp.down_proj.weight"
+    shard = bad / json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"][victim]
+    tensors = load_file(str(shard))
+    tensors[victim][0, 0] = float("nan")
+    save_file(tensors, str(shard), {"format": "pt"})
+    data = {"merge_method": "task_arithmetic", "base_model": zoo["base"],
+            "models": [{"model": str(bad), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(EvomergeError, match=rf"{victim}: the merged tensor holds NaN or Inf values \(non-finite values "
+                                            rf"in {bad}:{victim}\)"):
+        merge_to_dir(recipe(data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # finite inputs that overflow the output dtype
+    data = {**data, "models": [{"model": zoo["rev"], "parameters": {"weight": 1e30}}], "out_dtype": "float16"}
+    with pytest.raises(EvomergeError, match=r"the merged tensor holds NaN or Inf values \(the inputs are finite: "
+                                            r"the merge overflows float16\)"):
+        merge_to_dir(recipe(data), tmp_path / "out")

@@ -87,11 +87,20 @@ def test_filters_first_match_wins_and_fall_through():
         ("merge_method: ties\nmodels: [{model: a}]\ndtype: float8\n", "dtype must be one of"),
         ("merge_method: ties\nslices:\n  - sources:\n      - {model: a, layer_range: [3, 1]}\n", "layer_range must be"),
         ("- just a list\n", "expected a mapping"),
+        ("merge_method: ties\nbase_model: a\nmerge_method: linear\nmodels: [{model: a}]\n",
+         "line 3 malformed YAML \\(key 'merge_method' is given twice\\)"),
     ],
 )
 def test_bad_yaml_names_line_and_key(text, match):
     with pytest.raises(EvomergeError, match=match):
         Recipe.from_yaml(text, "cfg.yaml")
+
+
+def test_yaml_anchors_merge_and_dtypes_take_the_torch_prefix():
+    text = ("merge_method: ties\nparameters: &p {density: 0.5}\nmodels:\n  - model: a\n    parameters:\n"
+            "      <<: *p\n      density: 0.7\ndtype: torch.bfloat16\n")
+    r = Recipe.from_yaml(text, "cfg.yaml")
+    assert r.models[0].parameters == {"density": 0.7} and r.dtype == "bfloat16"
 
 
 def test_referenced_models_base_first():

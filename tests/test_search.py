@@ -268,6 +268,21 @@ def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
     assert result.returncode == 2 and "unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
     result = _run_cli("search", space, "--budget", "0")
     assert result.returncode == 2 and "invalid override: budget: Input should be greater than 0" in result.stderr
+    # metrics that every candidate would miss or report twice: known once the evaluators are set up
+    lm_eval = {"type": "lm_eval", "include_path": str(tiny_zoo.tasks_dir), "tasks": ["zoo_rev"], "limit": 4}
+    space = tiny_space(tiny_zoo, tmp_path, name="badmetric", evaluators=[lm_eval], fitness=[
+        {"name": "acc", "direction": "maximize", "metrics": ["zoo_rev/accuracy"]}])
+    result = _run_cli("search", space, "--run-dir", run_dir, "--local")
+    assert result.returncode == 2 and not run_dir.exists()
+    assert ("objective: fitness 'acc' needs metric 'zoo_rev/accuracy', which no evaluator reports; they report: "
+            "merge/num_layers, zoo_rev/exact_match") in " ".join(result.stderr.split())
+    entropy = {"type": "entropy", "path": str(tiny_zoo.tasks_dir / "unlabeled.jsonl"), "limit": 4}
+    space = tiny_space(tiny_zoo, tmp_path, name="twice", evaluators=[entropy, entropy], fitness=[
+        {"name": "entropy", "direction": "minimize", "metrics": ["entropy"]}])
+    result = _run_cli("search", space, "--run-dir", run_dir, "--local")
+    assert result.returncode == 2 and not run_dir.exists()
+    assert ("objective.evaluators[1] reports metric 'entropy', as objective.evaluators[0] does; give it a name:"
+            in " ".join(result.stderr.split()))
 
 
 def test_one_process_searches_a_run_and_export_force_spares_it(reference_run, tmp_path):

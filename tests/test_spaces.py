@@ -109,6 +109,12 @@ def test_unknown_and_mismatched_models(tiny_zoo, tmp_path):
     with pytest.raises(EvomergeError, match="models.base: .*zoo:lm/tiny/missing.*has no model 'missing'"):
         SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path)).with_overrides(
             models={"base": "zoo:lm/tiny/missing", "sources": ["x"]}).resolved()
+    # evaluator files are named by their key too
+    data = yaml.safe_load(tiny_space(tiny_zoo, tmp_path).read_text())
+    data["objective"]["evaluators"].append({"type": "python", "function": "nofile.py:score"})
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvomergeError, match=r"objective.evaluators\[1\].function: 'nofile.py': no such file"):
+        load(path)
 
 
 def test_dataflow_genome_decodes_to_a_scaled_layer_path(tiny_zoo, tmp_path):

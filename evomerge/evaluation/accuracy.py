@@ -23,6 +23,7 @@ class AccuracyEvaluator(Evaluator):
     """
 
     name = "accuracy"
+    fixed_metrics = ("accuracy",)
 
     def __init__(self, path: str, input_field: str = "text", label_field: str = "label", limit: int | None = None,
                  batch_size: int = 32, head_from: str | None = None, head_prefix: str = "classifier") -> None:

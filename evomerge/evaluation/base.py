@@ -27,6 +27,8 @@ class Evaluator(ABC):
     #: Set from a config's ``name:``; metrics are then reported as ``prefix/metric``, so two
     #: evaluators of one type (say, accuracy on two tasks) do not clash.
     prefix: str | None = None
+    #: The metric names ``evaluate`` returns, where they are fixed (unprefixed).
+    fixed_metrics: tuple[str, ...] | None = None
 
     def setup(self, model, tokenizer) -> None:  # noqa: B027  (optional hook)
         """Per-worker preparation that does not depend on the candidate's weights."""
@@ -34,6 +36,17 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """Metrics of the model as it is now (its weights are the candidate's)."""
+
+    def metric_names(self) -> set[str] | None:
+        """The names ``evaluate`` reports, prefixed, where known after ``setup`` (``None``: only results tell)."""
+        names = self.own_metric_names()
+        if names is None:
+            return None
+        return {f"{self.prefix}/{n}" for n in names} if self.prefix else set(names)
+
+    def own_metric_names(self) -> set[str] | None:
+        """The unprefixed names ``evaluate`` reports, where known after ``setup``."""
+        return None if self.fixed_metrics is None else set(self.fixed_metrics)
 
     def __call__(self, model, tokenizer) -> dict[str, float]:
         """``evaluate`` with the result checked: named, finite numbers only."""

@@ -30,6 +30,7 @@ class EntropyEvaluator(Evaluator):
     """
 
     name = "entropy"
+    fixed_metrics = ("entropy",)
 
     def __init__(self, path: str, field: str = "prompt", limit: int | None = None, batch_size: int = 64,
                  head_from: str | None = None, head_prefix: str = "classifier") -> None:
@@ -82,6 +83,7 @@ class MultiHeadEntropyEvaluator(Evaluator):
     """
 
     name = "multihead_entropy"
+    fixed_metrics = ("entropy",)
 
     def __init__(self, paths: list[str], heads_from: list[str], head_prefix: str = "classifier",
                  limit: int | None = None) -> None:

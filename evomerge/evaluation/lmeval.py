@@ -94,6 +94,13 @@ class LMEvalEvaluator(Evaluator):
         elif config.test_split is None:
             raise EvomergeError(f"lm_eval: task {name!r} has no test split")
 
+    def own_metric_names(self) -> set[str] | None:
+        """``task/metric`` for each loaded task's metrics (its ``metric_list``), once set up."""
+        if self._prepared is None:
+            return None
+        return {f"{name}/{metric}" for name, task in self._prepared.tasks.items() for metric in task.aggregation()
+                if self.metric is None or metric == self.metric}
+
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         if self._lm is None:
             self.setup(model, tokenizer)

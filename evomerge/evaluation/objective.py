@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.errors import EvomergeError
+
 
 #: Evaluator setting naming the file a report scores instead of ``path`` (see ``Objective.for_split``).
 TEST_PATH = "test_path"
@@ -35,6 +37,33 @@ TEST_PATH = "test_path"
 def builtin_metrics(model) -> dict[str, float]:
     """Metrics every candidate has, whatever the evaluators: its decoder depth."""
     return {"merge/num_layers": float(model.config.num_hidden_layers)}
+
+
+def check_reports(evaluators, fitness: list, builtin: set[str], where: str) -> None:
+    """Refuse, before any candidate, what would fail every one.
+
+    Two evaluators reporting one metric name, and (when every evaluator's names
+    are known once set up: all but ``python`` ones) a fitness metric that none
+    reports. ``where``: the config section (``objective``, ``surrogate``).
+    """
+    owner: dict[str, str] = {name: "the built-in metrics" for name in builtin}
+    complete = True
+    for i, evaluator in enumerate(evaluators):
+        names = evaluator.metric_names()
+        if names is None:
+            complete = False
+            continue
+        for name in sorted(names):
+            if name in owner:
+                raise EvomergeError(f"{where}.evaluators[{i}] reports metric {name!r}, as {owner[name]} does; "
+                                    "give it a name: (its metrics are then NAME/metric)")
+            owner[name] = f"{where}.evaluators[{i}]"
+    if complete:
+        for f in fitness:
+            missing = sorted(set(f.metrics) - set(owner))
+            if missing:
+                raise EvomergeError(f"{where}: fitness {f.name!r} needs metric {missing[0]!r}, which no evaluator "
+                                    f"reports; they report: {', '.join(sorted(owner))}")
 
 
 class Fitness(BaseModel):

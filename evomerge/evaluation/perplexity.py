@@ -13,6 +13,7 @@ class PerplexityEvaluator(Evaluator):
     """exp(mean token negative log-likelihood) over the texts of a JSONL file (lower is better)."""
 
     name = "perplexity"
+    fixed_metrics = ("perplexity", "nll")
 
     def __init__(self, path: str, field: str = "text", limit: int | None = None, batch_size: int = 32,
                  max_length: int = 1024) -> None:

@@ -153,8 +153,8 @@ def merge_to_dir(
         # Parallelism comes from the job pool; one intra-op thread per job avoids oversubscription.
         torch.set_num_threads(1)
         try:
-            run_jobs(plan, lambda job, out: writer.write(job.out_name, out), device=device, seed=seed,
-                     threads=max(1, threads), progress=progress)
+            run_jobs(plan, lambda job, out: writer.write(job.out_name, _checked(plan, job, out)), device=device,
+                     seed=seed, threads=max(1, threads), progress=progress)
             writer.close({"merged_by": "evomerge"})
         except BaseException:
             writer.abort()
@@ -170,6 +170,29 @@ def merge_to_dir(
         if finalize is not None:
             finalize(tmp)
     return out_dir
+
+
+def all_finite(t) -> bool:
+    """No NaN or Inf in ``t``. A sum is finite only when every entry is (one fast pass); a finite
+    tensor whose sum overflows is told apart by the exact check."""
+    import torch
+
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _checked(plan: MergePlan, job: TensorJob, out):
+    """``out``, unless it holds NaN or Inf: then an error naming the tensor and the inputs at fault.
+
+    A NaN in one source spreads to the merged tensor (and to every output of
+    the model); the merged file would load and compute nothing useful.
+    """
+    if all_finite(out):
+        return out
+    refs = [r for r in (job.base, *job.sources) if r is not None]
+    bad = [f"{model}:{name}" for model, name in refs if not all_finite(plan.models[model].tensor(name))]
+    cause = (f"non-finite values in {', '.join(bad)}" if bad
+             else f"the inputs are finite: the merge overflows {job.dtype}")
+    raise EvomergeError(f"{job.out_name}: the merged tensor holds NaN or Inf values ({cause})")
 
 
 def run_jobs(plan: MergePlan, sink: Callable[[TensorJob, object], None], *, device: str = "cpu", seed: int = 0,

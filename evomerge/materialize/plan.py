@@ -109,15 +109,18 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
     def add(out_name: str, sl: OutputSlice, names: list[str], t: float, label: str) -> None:
         jobs.append(_job(recipe, method, models, out_name, sl, names, t, label, where))
 
+    def label(si: int) -> str:  # the key the user wrote: ``models:`` is planned as one slice
+        return f"slices[{si}]" if recipe.slices is not None else "models"
+
     for name in pre:
-        add(name, slices[0], [name] * len(slices[0].sources), 0.0, "slices[0]")
+        add(name, slices[0], [name] * len(slices[0].sources), 0.0, label(0))
     offset = 0
     for si, sl in enumerate(slices):
         for s in sl.sources:
             n_layers = models[s.model].num_layers
             if s.layer_range[1] > n_layers:
                 raise EvomergeError(
-                    f"{where}: slices[{si}]: layer_range {list(s.layer_range)} of {s.model} exceeds its {n_layers} layers"
+                    f"{where}: {label(si)}: layer_range {list(s.layer_range)} of {s.model} exceeds its {n_layers} layers"
                 )
         # a layer's tensors are those any source has there (the base's first), so a source lacking one
         # is reported instead of the tensor being dropped
@@ -127,14 +130,14 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
             for s in order:
                 if s.layer_range[0] + j not in layout(models[s.model]).layers:
-                    raise EvomergeError(f"{where}: slices[{si}]: layer {s.layer_range[0] + j} of {s.model} has no "
+                    raise EvomergeError(f"{where}: {label(si)}: layer {s.layer_range[0] + j} of {s.model} has no "
                                         f"tensors, though its config.json gives it {models[s.model].num_layers} layers")
             for suffix in _union(layout(models[s.model]).layers[s.layer_range[0] + j] for s in order):
                 names = [models[s.model].arch.layer_name(s.layer_range[0] + j, suffix) for s in sl.sources]
-                add(arch.layer_name(offset + j, suffix), sl, names, t, f"slices[{si}]")
+                add(arch.layer_name(offset + j, suffix), sl, names, t, label(si))
         offset += sl.length
     for name in post:
-        add(name, slices[-1], [name] * len(slices[-1].sources), 0.0, f"slices[{len(slices) - 1}]")
+        add(name, slices[-1], [name] * len(slices[-1].sources), 0.0, label(len(slices) - 1))
     _check_output_shapes(jobs, reference, ref, where)
 
     config = dict(ref.config)

@@ -67,7 +67,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.materialize.blockwise import BLOCKWISE, magnitude_index, merge_block
-from evomerge.materialize.export import job_seed, run_jobs
+from evomerge.materialize.export import all_finite, job_seed, run_jobs
 from evomerge.materialize.placement import plan_memory
 from evomerge.materialize.plan import MergePlan, plan_merge
 from evomerge.materialize.pool import PoolModel, default_block_numel, layout, model_bytes
@@ -200,7 +200,7 @@ class ResidentMerger:
         """Run ``plan``'s jobs and copy each result into the live model's tensor of that name."""
 
         def write(job, out) -> None:
-            if not _all_finite(out):
+            if not all_finite(out):
                 raise MaterializeError(f"candidate tensor {job.out_name} has NaN or Inf values")
             self._targets[job.out_name].copy_(out)
 
@@ -263,9 +263,9 @@ class ResidentMerger:
             sums.append(total)
         # one finiteness check per candidate (a host sync per block would idle a GPU); a candidate
         # that fails it has been written, and the next one rewrites every tensor
-        if not _all_finite(torch.stack(sums)):
+        if not all_finite(torch.stack(sums)):
             for block in base.blocks:
-                bad = next((name for name in block.names if not _all_finite(self._targets[name])), None)
+                bad = next((name for name in block.names if not all_finite(self._targets[name])), None)
                 if bad is not None:
                     raise MaterializeError(f"candidate tensor {bad} has NaN or Inf values")
         return True
@@ -406,12 +406,6 @@ class ResidentMerger:
             layers.append(layer)
         self._live_layers[name] = layers
         return layers
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``. A sum is finite only when every entry is (one fast pass); a finite
-    tensor whose sum overflows is told apart by the exact check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _live_layer_container(arch, names: dict[str, str]) -> str:

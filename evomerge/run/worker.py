@@ -43,6 +43,7 @@ class EvalWorker:
         begin = time.perf_counter()
         import torch
 
+        from evomerge.evaluation.objective import builtin_metrics, check_reports
         from evomerge.evaluation.registry import build_evaluator
         from evomerge.io.live import load_tokenizer
         from evomerge.materialize.resident import ResidentMerger
@@ -62,6 +63,10 @@ class EvalWorker:
         for evaluators in self.evaluators.values():
             for evaluator in evaluators:
                 evaluator.setup(self.merger.model, self.tokenizer)
+        builtin = set(builtin_metrics(self.merger.model))
+        check_reports(self.evaluators["full"], space_obj.objective.fitness, builtin, "objective")
+        if space_obj.surrogate is not None:
+            check_reports(self.evaluators["surrogate"], [space_obj.surrogate], builtin, "surrogate")
         # where a worker's start-up went (model code and lm-eval are imported on first use, so they
         # count under models and evaluators)
         self.startup = {"libraries": libraries - begin, "models": models - libraries,

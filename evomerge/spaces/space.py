@@ -126,15 +126,18 @@ class SearchSpace(_Strict):
             if g.get("anchor"):
                 g["anchor"] = ref(g["anchor"], "genome.anchor")
         surrogate = (data.get("surrogate") or {}).get("evaluators", [])
-        for spec in [*data["objective"]["evaluators"], *surrogate]:
-            for key in PATH_SETTINGS:
-                if isinstance(spec.get(key), str):
-                    spec[key] = ref(spec[key])
-                elif isinstance(spec.get(key), list):
-                    spec[key] = [ref(v) if isinstance(v, str) else v for v in spec[key]]
-            module, sep, fn = str(spec.get("function", "")).rpartition(":")
-            if spec["type"] == "python" and sep and module.endswith(".py"):
-                spec["function"] = f"{ref(module)}:{fn}"
+        for where, specs in (("objective", data["objective"]["evaluators"]), ("surrogate", surrogate)):
+            for i, spec in enumerate(specs):
+                at = f"{where}.evaluators[{i}]"
+                for key in PATH_SETTINGS:
+                    if isinstance(spec.get(key), str):
+                        spec[key] = ref(spec[key], f"{at}.{key}")
+                    elif isinstance(spec.get(key), list):
+                        spec[key] = [ref(v, f"{at}.{key}[{j}]") if isinstance(v, str) else v
+                                     for j, v in enumerate(spec[key])]
+                module, sep, fn = str(spec.get("function", "")).rpartition(":")
+                if spec["type"] == "python" and sep and module.endswith(".py"):
+                    spec["function"] = f"{ref(module, f'{at}.function')}:{fn}"
         return type(self).model_validate(data)
 
     def pool(self) -> tuple[PoolModel, list[PoolModel]]:
