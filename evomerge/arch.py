@@ -28,6 +28,9 @@ class ArchMap:
     #: (see evomerge.materialize.layer_path). Empty where no such folding holds (post-norm or
     #: sandwich-norm layers such as BERT, Gemma 2/3, OLMo 2) or the names are not mapped (MoE).
     residual_out: tuple[str, ...] = ()
+    #: (tensor, the tensor it is tied to): a model that ties its LM head to its embeddings stores only
+    #: the latter, which then stands in for the head in a merge (mergekit's ``tied_names``)
+    tied: tuple[tuple[str, str], ...] = ()
 
     @property
     def _pattern(self) -> re.Pattern:
@@ -41,6 +44,10 @@ class ArchMap:
     def is_pre(self, name: str) -> bool:
         """Whether a global tensor comes before the layers (embeddings) rather than after (norm, head)."""
         return any(marker in name for marker in ("embed", "wte", "wpe", "patch_embeddings", "position_embeddings"))
+
+    def tied_to(self, name: str) -> str | None:
+        """The tensor ``name`` is tied to (the embeddings for the LM head), if any."""
+        return next((other for tensor, other in self.tied if tensor == name), None)
 
     def layer_of(self, name: str) -> int | None:
         """Layer index of ``name`` or ``None`` if it is global."""
@@ -72,10 +79,12 @@ class ArchMap:
         return out
 
 
-_LLAMA = ArchMap("llama", "model.layers.", "num_hidden_layers", ("self_attn.o_proj", "mlp.down_proj"))
+_LLAMA_TIED = (("lm_head.weight", "model.embed_tokens.weight"),)
+_LLAMA = ArchMap("llama", "model.layers.", "num_hidden_layers", ("self_attn.o_proj", "mlp.down_proj"), _LLAMA_TIED)
 #: Llama naming, but the residual-writing projections are not foldable (post/sandwich norms, MoE experts).
-_LLAMA_NAMES = ArchMap("llama-names", "model.layers.", "num_hidden_layers")
-_GPT2 = ArchMap("gpt2", "transformer.h.", "n_layer", ("attn.c_proj", "mlp.c_proj"))
+_LLAMA_NAMES = ArchMap("llama-names", "model.layers.", "num_hidden_layers", tied=_LLAMA_TIED)
+_GPT2 = ArchMap("gpt2", "transformer.h.", "n_layer", ("attn.c_proj", "mlp.c_proj"),
+                (("lm_head.weight", "transformer.wte.weight"),))
 
 #: model_type -> map. Llama-style naming covers Mistral, Qwen2/3, Gemma, Phi-3 and most decoder LMs.
 FAMILIES: dict[str, ArchMap] = {

@@ -498,3 +498,19 @@ def test_non_finite_merges_are_named_not_written(zoo, tmp_path):
     with pytest.raises(EvomergeError, match=r"the merged tensor holds NaN or Inf values \(the inputs are finite: "
                                             r"the merge overflows float16\)"):
         merge_to_dir(recipe(data), tmp_path / "out")
+
+
+def test_a_model_tying_its_head_lends_its_embeddings(zoo, tmp_path):
+    """A fine-tune saved with tied embeddings has no lm_head.weight: its embeddings stand in (mergekit's tied_names)."""
+    tied = _copy_model(zoo["rev"], tmp_path / "tied")
+    _drop_tensors(tied, ["lm_head.weight"])
+    _break_config(tied, {**json.loads((tied / "config.json").read_text()), "tie_word_embeddings": True})
+    r = recipe({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                "models": [{"model": str(tied), "parameters": {"weight": 0.5}}]})
+    out = state(merge_to_dir(r, tmp_path / "out"))
+    base, embed = ModelDir(zoo["base"]).tensor("lm_head.weight"), ModelDir(tied).tensor("model.embed_tokens.weight")
+    assert torch.equal(out["lm_head.weight"], ((embed.float() - base.float()) * 0.5 + base.float()).to(base.dtype))
+    # a tied base: its embeddings are the base of the head's merge
+    r = recipe({"merge_method": "task_arithmetic", "base_model": str(tied),
+                "models": [{"model": zoo["sort"], "parameters": {"weight": 1.0}}]})
+    assert "lm_head.weight" in state(merge_to_dir(r, tmp_path / "out2"))

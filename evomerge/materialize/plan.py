@@ -156,7 +156,11 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
     params: list[dict[str, Any]] = []
     shapes: dict[str, tuple[int, ...]] = {}
     for s, name in zip(sl.sources, names):
-        info = models[s.model].infos.get(name)
+        model = models[s.model]
+        info = model.infos.get(name)
+        tied = model.arch.tied_to(name)
+        if info is None and tied in model.infos:  # a model tying its head to its embeddings stores only those
+            name, info = tied, model.infos[tied]
         if info is None:
             raise EvomergeError(f"{where}: {label}: tensor {name!r} is missing from {s.model}")
         shapes[f"{s.model}:{name}"] = info.shape
