@@ -294,7 +294,7 @@ def search(
     budget: Optional[int] = typer.Option(None, "--budget", help="Evaluations to run (overrides the space)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers, each holding the models (overrides the space)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (e.g. auto, ray://host:10001) instead of starting a local one."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the optimizer and of DARE masks (overrides the space)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seed of the optimizer and of DARE masks (overrides the space)."),
     local: bool = typer.Option(False, "--local", help="Evaluate in this process, one worker, without Ray (debugging)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the genome layout and a decoded example, then stop."),
     export: bool = typer.Option(True, "--export/--no-export", help="Export the best model to RUN_DIR/best when done."),
@@ -324,7 +324,7 @@ def search(
     try:
         with run.lock():
             _drive(run_dir, workers, address, local, export)
-    except EvomergeError:
+    except (EvomergeError, OSError):
         if not run.started:  # failed before any evaluation: leave no half-made run behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -512,6 +512,12 @@ def main() -> None:
     except EvomergeError as exc:
         # messages quote YAML such as [low, high], which rich would take for markup
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except OSError as exc:
+        # a full disk or a vanished directory: outputs and run state are written atomically, so nothing
+        # half-written is left, and a search continues with `evomerge resume` once the cause is fixed
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -166,6 +166,8 @@ def test_evaluator_configs_are_validated():
         build_evaluator({"type": "entropy"})
     with pytest.raises(EvomergeError, match="limit must be a whole number >= 1, not -1"):
         build_evaluator({"type": "lm_eval", "tasks": ["a"], "limit": -1})
+    with pytest.raises(EvomergeError, match="num_fewshot must be a whole number >= 0, not -1"):
+        build_evaluator({"type": "lm_eval", "tasks": ["a"], "num_fewshot": -1})
 
 
 def test_accuracy_counts_argmax_matches_and_names_bad_labels(tiny_zoo, tmp_path):

@@ -514,3 +514,24 @@ def test_a_model_tying_its_head_lends_its_embeddings(zoo, tmp_path):
     r = recipe({"merge_method": "task_arithmetic", "base_model": str(tied),
                 "models": [{"model": zoo["sort"], "parameters": {"weight": 1.0}}]})
     assert "lm_head.weight" in state(merge_to_dir(r, tmp_path / "out2"))
+
+
+def test_a_full_disk_is_named_and_leaves_nothing(zoo, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from evomerge.io import writer
+
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        if isinstance(data, memoryview):  # tensor data; the shard headers went through
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    r = recipe({"merge_method": "linear", "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0}},
+                                                     {"model": zoo["sort"], "parameters": {"weight": 1.0}}]})
+    with pytest.raises(EvomergeError, match=r"model(-\d+-of-\d+)?\.safetensors: cannot write \S+ \(No space left on device\)"):
+        merge_to_dir(r, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

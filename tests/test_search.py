@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,3 +335,11 @@ def test_resume_refuses_a_config_edited_since_the_start(tiny_zoo, tmp_path):
     result = _run_cli("resume", run.path, "--local", "--no-export")
     assert result.returncode == 2 and "genome.method was changed" in result.stderr
     assert not run.journal_file.exists()
+
+
+def test_a_budget_edited_below_the_evaluations_done_is_refused(reference_run, tmp_path):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(reference_run[0].path, run.path)
+    run.save_space(run.space().with_overrides(budget=5))
+    with pytest.raises(EvomergeError, match=r"config.yaml: budget 5 is below the 8 evaluations this run has done"):
+        run.check_unchanged()

@@ -76,6 +76,25 @@ def test_space_errors_name_file_line_and_key(tiny_zoo, tmp_path):
         SearchSpace.from_file(path)
 
 
+@pytest.mark.parametrize("name", ["", "  ", "../escape", "/tmp/abs", "a/b", "."])
+def test_a_space_name_is_a_plain_directory_name(tiny_zoo, tmp_path, name):
+    """It names the run directory under runs/: a path would put the run elsewhere (or inside another run)."""
+    with pytest.raises(EvomergeError, match=rf"line \d+: name: must be a plain directory name .* got {re.escape(repr(name))}"):
+        SearchSpace.from_file(_named(tiny_space(tiny_zoo, tmp_path), name))
+
+
+def _named(path, name):
+    text = path.read_text().replace("name: tiny", f"name: {name!r}", 1)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seeds_are_what_the_optimizers_take(tiny_zoo, tmp_path, seed):
+    with pytest.raises(EvomergeError, match=r"line \d+: seed: Input should be (greater than or equal to 0|less than 4294967296)"):
+        SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, seed=seed))
+
+
 @pytest.mark.parametrize("metrics,aggregate,message", [
     ({"zoo_copy/exact_match": 0}, "mean", "the weights of a mean must sum to more than 0 (they sum to 0.0)"),
     ({"zoo_copy/exact_match": 1, "zoo_rev/exact_match": -1}, "mean", "must sum to more than 0"),

@@ -37,9 +37,9 @@ class LMEvalEvaluator(Evaluator):
             raise EvomergeError(f"lm_eval: split must be one of {', '.join(SPLITS)}, not {split!r}")
         if not tasks:
             raise EvomergeError("lm_eval: no tasks given")
-        for key, value in (("limit", limit), ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise EvomergeError(f"lm_eval: {key} must be a whole number >= 1, not {value!r}")
+        for key, value, least in (("limit", limit, 1), ("batch_size", batch_size, 1), ("num_fewshot", num_fewshot, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise EvomergeError(f"lm_eval: {key} must be a whole number >= {least}, not {value!r}")
         self.task_names = list(tasks)
         self.include_path = include_path
         self.split = split

@@ -116,10 +116,13 @@ class StreamingShardWriter:
         if data.nbytes != nbytes:
             raise EvomergeError(f"tensor {name!r}: {data.nbytes} bytes, slot expects {nbytes}")
         view = memoryview(data)
-        while view.nbytes:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
+        try:
+            while view.nbytes:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:  # a full disk, typically: the shards are sparse until written
+            raise EvomergeError(f"{self.out_dir / self.weight_map[name]}: cannot write {name} ({exc.strerror})") from None
         with self._lock:
             self._pending.discard(name)
 

@@ -159,11 +159,16 @@ class RunDir:
         frozen = self.optimizer_dir / FROZEN
         if not frozen.is_file():
             return  # a run started before the file existed
-        key = _first_difference(json.loads(frozen.read_text()), _identity(self.space()))
+        space = self.space()
+        key = _first_difference(json.loads(frozen.read_text()), _identity(space))
         if key is not None:
             raise EvomergeError(f"{self.config_file}: {key} was changed after the run started; a run's results "
                                 "come from one search (only budget and workers may change): undo the edit, or "
                                 "start a new run with the edited space")
+        done = sum(1 for e in self.journal() if not e.screened)
+        if space.budget < done:
+            raise EvomergeError(f"{self.config_file}: budget {space.budget} is below the {done} evaluations this run "
+                                "has done; a budget can only grow")
 
     def save_space(self, space: SearchSpace) -> None:
         """Freeze ``space`` (atomically; resume with a larger budget rewrites only ``budget``)."""

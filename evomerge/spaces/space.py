@@ -21,11 +21,12 @@ working directory.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.objective import Objective, Surrogate
@@ -75,6 +76,7 @@ GenomeConfig = Annotated[
 class SearchSpace(_Strict):
     """See the module doc."""
 
+    #: the run's directory name under runs/ (a name, not a path)
     name: str
     description: str = ""
     models: ModelsConfig
@@ -85,12 +87,21 @@ class SearchSpace(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: int = Field(gt=0)
     workers: int = Field(1, ge=1)
-    seed: int = 0
+    #: optimizers (pycma, Optuna) take seeds in [0, 2**32)
+    seed: int = Field(0, ge=0, lt=2**32)
     #: where workers merge and evaluate: cuda when the cluster has GPUs, else cpu (default: auto).
     device: Literal["cpu", "cuda"] | None = None
     #: where each worker keeps the source weights (see ``evomerge.materialize.placement``): auto picks
     #: device, host (pinned, streamed per block) or disk from the model sizes and free memory
     placement: Literal["auto", "device", "host", "disk"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", v):
+            raise ValueError(f"must be a plain directory name (letters, digits, and . _ + - after the first), "
+                             f"not a path or blank: got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _stages_fit_the_budget(self) -> SearchSpace:
