@@ -269,6 +269,9 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         _end_live_line()
         console.print(f"[yellow]interrupted[/]; nothing finished is lost. Continue with: evomerge resume {run_dir}")
         raise typer.Exit(130) from None
+    except Exception:
+        _end_live_line()  # the error goes on a line of its own
+        raise
     _end_live_line()
     best = progress.best
     console.print(("data-flow stage: " if staged else "") + f"{progress.done} evaluations, {progress.failed} failed"
@@ -293,7 +296,7 @@ def search(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory to create (default: runs/NAME, NAME from the space)."),
     budget: Optional[int] = typer.Option(None, "--budget", help="Evaluations to run (overrides the space)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers, each holding the models (overrides the space)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (e.g. auto, ray://host:10001) instead of starting a local one."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (auto, or HOST:PORT of its head; ray://HOST:10001 needs ray[client]) instead of starting a local one."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seed of the optimizer and of DARE masks (overrides the space)."),
     local: bool = typer.Option(False, "--local", help="Evaluate in this process, one worker, without Ray (debugging)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the genome layout and a decoded example, then stop."),

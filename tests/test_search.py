@@ -269,6 +269,9 @@ def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
     assert result.returncode == 2 and "unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
     result = _run_cli("search", space, "--budget", "0")
     assert result.returncode == 2 and "invalid override: budget: Input should be greater than 0" in result.stderr
+    result = _run_cli("search", tiny_space(tiny_zoo, tmp_path), "--run-dir", run_dir, "--address", "127.0.0.1:1")
+    assert result.returncode == 2 and not run_dir.exists()
+    assert "--address 127.0.0.1:1: no Ray cluster answers there" in " ".join(result.stderr.split())
     # metrics that every candidate would miss or report twice: known once the evaluators are set up
     lm_eval = {"type": "lm_eval", "include_path": str(tiny_zoo.tasks_dir), "tasks": ["zoo_rev"], "limit": 4}
     space = tiny_space(tiny_zoo, tmp_path, name="badmetric", evaluators=[lm_eval], fitness=[

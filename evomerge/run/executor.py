@@ -105,6 +105,31 @@ class LocalExecutor(Executor):
         raise EvomergeError("the in-process worker cannot be replaced")
 
 
+def _join(address: str | None, kwargs: dict[str, Any]) -> None:
+    """``ray.init``, with one clear error instead of a hang or a traceback when the cluster is not there."""
+    import socket
+
+    import ray
+
+    where = f"--address {address}"
+    hint = "start one with `ray start --head`, or leave out --address to run a local one"
+    host, sep, port = (address or "").rpartition(":")
+    if sep and host and port.isdigit() and "://" not in address:
+        # Ray retries an unreachable GCS for minutes, printing warnings: find out first
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise EvomergeError(f"{where}: no Ray cluster answers there ({exc.strerror or exc}); {hint}") from None
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise EvomergeError(f"{where}: {str(exc).splitlines()[0]}; {hint}") from None
+    except ValueError as exc:
+        if "ray[client]" not in str(exc):
+            raise
+        raise EvomergeError(f"{where}: ray:// addresses need Ray's client: pip install 'ray[client]'") from None
+
+
 class RayExecutor(Executor):
     """A pool of ``EvalWorker`` Ray actors on a local or existing Ray cluster.
 
@@ -122,7 +147,7 @@ class RayExecutor(Executor):
             if address is None:
                 # a local cluster sized to this machine; joining one takes its own resources
                 kwargs["num_cpus"] = os.cpu_count() or 1
-            ray.init(address=address, **kwargs)
+            _join(address, kwargs)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self.device = device or ("cuda" if gpus > 0 else "cpu")
