@@ -237,6 +237,10 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     from evomerge.run.staged import run_stages
 
     run = RunDir.open(run_dir)
+    asked = workers or run.space().workers
+    if local and asked > 1:
+        console.print(f"[yellow]note:[/] --local evaluates in this process, one candidate at a time; "
+                      f"{asked} workers need Ray (leave out --local)")
     bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=console)
     task = bar.add_task("starting workers (loading models and evaluators)", total=None)

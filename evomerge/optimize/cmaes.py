@@ -2,7 +2,8 @@
 
 Defaults follow the paper: mean 0.5 in every gene, step size 1/6 (the box is
 about six sigmas wide), pycma's default population ``4 + floor(3 ln dim)``,
-and pycma's ``BoundTransform`` for the unit box.
+and pycma's ``BoundTransform`` for the unit box. A genome's start point (``x0``)
+is the mean and, injected, the first candidate of the first generation.
 
 pycma is generational: ``ask`` hands out the points of one ``es.ask()`` one by
 one and returns None once all are out but not all told (the barrier). When the
@@ -62,6 +63,10 @@ class CmaEs(Optimizer):
             opts["popsize"] = popsize
         mean = np.full(self.dim, 0.5) if self.x0 is None else self.x0
         self._es = cma.CMAEvolutionStrategy(mean, float(sigma0), opts)
+        if self.x0 is not None:
+            # the start point itself is the first candidate (as the other optimizers do): centring on it
+            # alone would never score it, and a staged run's winner could then be lost to worse paths
+            self._es.inject([self.x0], force=True)
         # The current generation: es.ask()'s points (unclipped: es.tell wants them back as
         # they were), their ids in ask order, and the results told so far.
         self._batch: list[np.ndarray] = []
