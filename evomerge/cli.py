@@ -287,8 +287,13 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         raise EvomergeError(f"all {progress.failed} candidates failed" + (f"; the last with: {last.error}" if last else "")
                             + f" (`evomerge status {run_dir}` lists them)")
     if export and best is not None:
-        with console.status("exporting the best candidate") as status:
-            scores = export_run(run_for_export, run.best_dir, force=True, progress=status.update)
+        try:
+            with console.status("exporting the best candidate") as status:
+                scores = export_run(run_for_export, run.best_dir, force=True, progress=status.update)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/] while exporting; the search itself is complete. "
+                          f"Export its best with: evomerge resume {run_dir}")
+            raise typer.Exit(130) from None
         test = scores.get("test", {}).get("fitness")
         console.print(f"best model exported to [bold]{run.best_dir}[/]" + (f" (test split: {test})" if test else ""))
     out_console.print(str(run.path))
@@ -375,11 +380,13 @@ def status(
     search is running; unreadable journal lines are skipped and counted.
     """
     from evomerge.report.runs import format_line_numbers
+    from evomerge.report.series import pareto_mask
     from evomerge.run.rundir import RunDir
     from evomerge.run.runner import ranked
-    from evomerge.run.staged import latest_run
+    from evomerge.run.staged import latest_run, stage_dir
 
-    run = latest_run(RunDir.open(run_dir))
+    top_run = RunDir.open(run_dir)
+    run = latest_run(top_run)
     space = run.space()
     journal, unreadable = run.readable_journal()
     if unreadable:
@@ -395,15 +402,28 @@ def status(
         out_console.print("no evaluations journaled yet; " + (
             "its search is starting" if run.busy else f"continue with: evomerge resume {run_dir}"), soft_wrap=True)
         return
-    grid = Table(title=f"best {top} (validation)")
-    for col in ["rank", "id", *names, "layers", "seconds"]:
+    best = ranked(journal, space.objective.directions)
+    several = len(names) > 1
+    # ranked by the first objective, as export picks "the best"; with several, the Pareto front is marked
+    grid = Table(title=f"best {top} by {names[0]} (validation)" + ("; ✓ = on the Pareto front" if several else ""))
+    for col in ["rank", "id", *names, *(["Pareto"] if several else []), "decoder layers", "seconds"]:
         grid.add_column(col, justify="right")
-    for rank, e in enumerate(ranked(journal, space.objective.directions)[:top], 1):
+    front = pareto_mask([e.fitness for e in best], space.objective.directions) if several and best else []
+    for rank, e in enumerate(best[:top], 1):
         grid.add_row(str(rank), str(e.id), *(f"{v:.4f}" for v in e.fitness),
+                     *(["✓" if front[rank - 1] else ""] if several else []),
                      f"{e.metrics.get('merge/num_layers', 0):.0f}", f"{e.seconds:.1f}")
     out_console.print(grid)
+    if several and best:
+        members = [f"#{e.id}" for e, on in zip(best, front) if on]
+        out_console.print(f"Pareto front ({len(members)}): {', '.join(members)}", soft_wrap=True, highlight=False)
     for e in failed[-3:]:
         out_console.print(f"[red]#{e.id} {e.status}[/]: {e.error}", soft_wrap=True, highlight=False)
+    last_stage = run.path in (top_run.path, stage_dir(top_run, 1).path)
+    if (best and last_stage and len(journal) - screened >= space.budget and not top_run.best_dir.exists()
+            and not run.busy):
+        out_console.print(f"the search is complete but its best is not exported to {top_run.best_dir}; "
+                          f"evomerge resume {run_dir} exports it", soft_wrap=True, highlight=False)
 
 
 @app.command("report")

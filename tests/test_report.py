@@ -175,6 +175,17 @@ def test_runs_are_overlaid_and_a_report_is_replaced_whole(runs, tmp_path):
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
 
 
+def test_status_of_a_multi_objective_run_marks_its_pareto_front(runs):
+    run = runs["dataflow"]
+    result = subprocess.run([*EVOMERGE, "status", str(run.path), "--top", "99"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    text = " ".join(result.stdout.split())
+    ok = sorted((e for e in run.journal() if e.ok and not e.screened), key=lambda e: (-e.fitness[0], e.id))
+    front = [f"#{e.id}" for e, on in zip(ok, pareto_mask([e.fitness for e in ok], ["maximize", "minimize"])) if on]
+    assert result.returncode == 0 and "best 99 by exact_match (validation); ✓ = on the Pareto front" in text
+    assert f"Pareto front ({len(front)}): {', '.join(front)}" in text
+
+
 def test_runs_with_different_objectives_plot_each_on_its_own_axis(runs, tiny_zoo, tmp_path, monkeypatch):
     from evomerge.report import plots
 

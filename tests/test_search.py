@@ -246,6 +246,11 @@ def test_staged_search_evolves_a_layer_path_over_the_parameter_winner(tiny_zoo, 
     status = _run_cli("status", run_dir)
     text = " ".join(status.stdout.split())
     assert status.returncode == 0 and "3/3 evaluations" in text and "genome dataflow" in text
+    # the data-flow stage's first candidate is stage 1's winner itself: it scores what the winner scored
+    assert journal[0].fitness == max(e.fitness for e in first.journal() if e.ok)
+    shutil.rmtree(run_dir / "best")
+    text = " ".join(_run_cli("status", run_dir).stdout.split())
+    assert f"the search is complete but its best is not exported to {run_dir / 'best'}" in text
 
 
 def test_corrupt_optimizer_state_is_rebuilt_from_the_journal(tiny_zoo, tmp_path, reference_run):
