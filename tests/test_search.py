@@ -264,6 +264,18 @@ def test_corrupt_optimizer_state_is_rebuilt_from_the_journal(tiny_zoo, tmp_path,
     assert (aside / "optimizer.pkl").read_bytes() == b"\x80\x04garbage"
 
 
+def test_a_torn_optuna_journal_is_rebuilt_from_the_run_journal(tiny_zoo, tmp_path):
+    run = start(tiny_space(tiny_zoo, tmp_path, budget=3, optimizer="tpe"), tmp_path / "run")
+    Runner(run, local).run()
+    log = run.optimizer_dir / "optuna.log"
+    log.write_bytes(log.read_bytes()[:-50])
+    run.save_space(run.space().with_overrides(budget=5))
+    Runner(run, local).run()
+    assert sorted(e.id for e in run.journal()) == [0, 1, 2, 3, 4]
+    (aside,) = run.path.glob("optimizer.corrupt-*")
+    assert (aside / "optuna.log").exists()
+
+
 def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
     run_dir = tmp_path / "run"
     result = _run_cli("search", tiny_space(tiny_zoo, tmp_path, optimizer="hillclimb"), "--run-dir", run_dir)

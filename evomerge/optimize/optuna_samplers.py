@@ -26,15 +26,33 @@ Optuna's trials in flight are up to the runner; CmaEsSampler wastes trials beyon
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import abstractmethod
+from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.optimize.base import Optimizer, check_int_setting, check_positive_setting
+from evomerge.optimize.base import CorruptStateError, Optimizer, check_int_setting, check_positive_setting
 
 JOURNAL_FILE = "optuna.log"
 STUDY_NAME = "evomerge"
+
+
+def _check_log(path: Path) -> None:
+    """Every line of Optuna's journal log is one JSON record.
+
+    Optuna reads up to a torn line but appends after it, which breaks the next
+    read; a damaged log is reported (the runner then rebuilds the study from
+    the run's journal) rather than written to.
+    """
+    if not path.exists():
+        return
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise CorruptStateError(f"{path}: line {number} is not an Optuna journal record") from None
 
 
 class OptunaOptimizer(Optimizer):
@@ -48,7 +66,9 @@ class OptunaOptimizer(Optimizer):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         optuna.logging.set_verbosity(logging.WARNING)
-        self._storage = JournalStorage(JournalFileBackend(str(self.state_dir / JOURNAL_FILE)))
+        path = self.state_dir / JOURNAL_FILE
+        _check_log(path)
+        self._storage = JournalStorage(JournalFileBackend(str(path)))
         self._study = self._open_study(self._make_sampler())
         self._trials: dict[int, optuna.Trial] = {}  # pending id -> its live trial
         self._recorded: dict[int, int] = {}  # pending id -> its trial, which the journal already completed

@@ -93,7 +93,12 @@ class Runner:
         self.on_event = on_event or (lambda progress: None)
         self.max_retries = max_retries
         self._executor_factory = executor_factory
-        self.optimizer = self._build_optimizer()
+        try:
+            self.optimizer = self._build_optimizer()
+        except CorruptStateError as exc:  # a backend that reads its state when built (Optuna's journal)
+            if not self.run_dir.journal():
+                raise
+            self.optimizer = self._rebuild(exc)
         self.done: dict[int, Evaluation] = {}
         self.queue: list[Candidate] = []
         self.progress = RunProgress(total=self.space.budget)
@@ -106,6 +111,14 @@ class Runner:
             directions=self.objective.directions, seed=self.space.seed, state_dir=self.run_dir.optimizer_dir,
             settings=dict(self.space.optimizer.settings), x0=self.genome.x0(),
         )
+
+    def _rebuild(self, exc: CorruptStateError):
+        """Set a damaged optimizer state aside and start a fresh optimizer (``_recover`` replays the journal)."""
+        aside = self.run_dir.optimizer_dir.with_name(f"{OPTIMIZER}.corrupt-{int(time.time())}")
+        os.replace(self.run_dir.optimizer_dir, aside)
+        self.run_dir.optimizer_dir.mkdir()
+        log.warning("%s; moved the optimizer state to %s and rebuilding it from the journal", exc, aside)
+        return self._build_optimizer()
 
     # -- resume --------------------------------------------------------------
     def _recover(self) -> None:
@@ -122,11 +135,7 @@ class Runner:
             if not self.done:
                 raise
             restored = False
-            aside = self.run_dir.optimizer_dir.with_name(f"{OPTIMIZER}.corrupt-{int(time.time())}")
-            os.replace(self.run_dir.optimizer_dir, aside)
-            self.run_dir.optimizer_dir.mkdir()
-            log.warning("%s; moved the optimizer state to %s and rebuilding it from the journal", exc, aside)
-            self.optimizer = self._build_optimizer()
+            self.optimizer = self._rebuild(exc)
         if restored:
             for cid, x in self.optimizer.pending().items():
                 if cid in self.done:  # journaled, but the process died before telling it
