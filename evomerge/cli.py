@@ -326,7 +326,7 @@ def search(
     space = SearchSpace.from_file(space_file).with_overrides(budget=budget, workers=workers, seed=seed)
     with console.status("resolving models") as status:
         space = space.resolved(relative_to=space_file.parent, progress=status.update)
-        space.check()
+        space.check(str(space_file))
     if dry_run:
         _print_genome(space)
         return

@@ -149,5 +149,8 @@ def with_overrides(model: M, overrides: dict[str, Any]) -> M:
     try:
         return type(model).model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+        # a model-level check has no key: name the overridden settings instead
+        asked = ", ".join(k for k, v in overrides.items() if v is not None)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or asked}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors()[:3])
         raise EvomergeError(f"invalid override: {problems}") from None

@@ -87,10 +87,11 @@ class RunDir:
     def create(cls, path: str | Path, space: SearchSpace) -> RunDir:
         """Start a new run directory; refuses one that already holds a run or other files."""
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise EvomergeError(
-                f"{path}: already exists; continue it with `evomerge resume {path}` or choose another --run-dir"
-            )
+        if path.exists() and not path.is_dir():
+            raise EvomergeError(f"{path}: is a file, not a directory; choose another --run-dir")
+        if path.exists() and any(path.iterdir()):
+            hint = f"continue it with `evomerge resume {path}`" if (path / CONFIG).is_file() else "it is not a run"
+            raise EvomergeError(f"{path}: already exists ({hint}); choose another --run-dir")
         check_writable_parent(path)
         (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
         run = cls(path)

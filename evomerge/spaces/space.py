@@ -21,6 +21,7 @@ working directory.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,6 +39,15 @@ from evomerge.yamlconfig import parse_yaml, read_text, validate, with_overrides
 
 #: Evaluator settings that name files or directories (resolved like model references).
 PATH_SETTINGS = ("include_path", "path", "test_path", "data", "head_from", "paths", "heads_from")
+
+
+@contextlib.contextmanager
+def _keyed(prefix: str):
+    """Prefix the EvomergeError raised inside with ``prefix`` (the file and key it is about)."""
+    try:
+        yield
+    except EvomergeError as exc:
+        raise EvomergeError(f"{prefix}: {exc}") from None
 
 
 class _Strict(BaseModel):
@@ -155,20 +165,28 @@ class SearchSpace(_Strict):
         """Open the (resolved) models: base and sources, checked to be mergeable."""
         return open_pool(self.models.base, list(self.models.sources))
 
-    def check(self) -> None:
-        """Validate what a run would only meet later (genome, optimizer, evaluator settings), before any run dir exists."""
+    def check(self, source: str = "search space") -> None:
+        """Validate what a run would only meet later (genome, optimizer, evaluator settings), before any
+        run dir exists; errors name ``source`` (the file) and the key at fault."""
         import tempfile
 
         from evomerge.evaluation.registry import build_evaluator
         from evomerge.optimize import build_optimizer
 
-        genome = self.stage(0).build_genome() if isinstance(self.genome, StagedGenomeConfig) else self.build_genome()
-        with tempfile.TemporaryDirectory() as scratch:
+        def at(key: str):
+            return _keyed(f"{source}: {key}")
+
+        with at("genome"):
+            genome = self.stage(0).build_genome() if isinstance(self.genome, StagedGenomeConfig) else self.build_genome()
+        with at("optimizer"), tempfile.TemporaryDirectory() as scratch:
             build_optimizer(self.optimizer.name, dim=genome.dim, names=genome.names,
                             directions=self.objective.directions, seed=self.seed, state_dir=Path(scratch),
                             settings=dict(self.optimizer.settings))
-        for spec in [*self.objective.evaluators, *(self.surrogate.evaluators if self.surrogate else [])]:
-            build_evaluator(spec)
+        for where, specs in (("objective", self.objective.evaluators),
+                             ("surrogate", self.surrogate.evaluators if self.surrogate else [])):
+            for i, spec in enumerate(specs):
+                with at(f"{where}.evaluators[{i}]"):
+                    build_evaluator(spec)
 
     def build_genome(self) -> Genome:
         """The genome of a single-stage space (staged spaces build one per stage)."""
