@@ -402,25 +402,25 @@ def status(
         out_console.print("no evaluations journaled yet; " + (
             "its search is starting" if run.busy else f"continue with: evomerge resume {run_dir}"), soft_wrap=True)
         return
-    best = ranked(journal, space.objective.directions)
+    ranking = ranked(journal, space.objective.directions)
     several = len(names) > 1
     # ranked by the first objective, as export picks "the best"; with several, the Pareto front is marked
     grid = Table(title=f"best {top} by {names[0]} (validation)" + ("; ✓ = on the Pareto front" if several else ""))
     for col in ["rank", "id", *names, *(["Pareto"] if several else []), "decoder layers", "seconds"]:
         grid.add_column(col, justify="right")
-    front = pareto_mask([e.fitness for e in best], space.objective.directions) if several and best else []
-    for rank, e in enumerate(best[:top], 1):
+    front = pareto_mask([e.fitness for e in ranking], space.objective.directions) if several and ranking else []
+    for rank, e in enumerate(ranking[:top], 1):
         grid.add_row(str(rank), str(e.id), *(f"{v:.4f}" for v in e.fitness),
                      *(["✓" if front[rank - 1] else ""] if several else []),
                      f"{e.metrics.get('merge/num_layers', 0):.0f}", f"{e.seconds:.1f}")
     out_console.print(grid)
-    if several and best:
-        members = [f"#{e.id}" for e, on in zip(best, front) if on]
+    if several and ranking:
+        members = [f"#{e.id}" for e, on in zip(ranking, front) if on]
         out_console.print(f"Pareto front ({len(members)}): {', '.join(members)}", soft_wrap=True, highlight=False)
     for e in failed[-3:]:
         out_console.print(f"[red]#{e.id} {e.status}[/]: {e.error}", soft_wrap=True, highlight=False)
     last_stage = run.path in (top_run.path, stage_dir(top_run, 1).path)
-    if (best and last_stage and len(journal) - screened >= space.budget and not top_run.best_dir.exists()
+    if (ranking and last_stage and len(journal) - screened >= space.budget and not top_run.best_dir.exists()
             and not run.busy):
         out_console.print(f"the search is complete but its best is not exported to {top_run.best_dir}; "
                           f"evomerge resume {run_dir} exports it", soft_wrap=True, highlight=False)
