@@ -68,14 +68,32 @@ class ArchMap:
             raise EvomergeError(f"config.json: {self.num_layers_key} is {value!r}, not a layer count")
         return value
 
+    def per_layer_keys(self, config: dict) -> list[str]:
+        """Keys of ``config`` holding one value per layer: ``layer_types`` (Qwen2/3, Gemma 2/3),
+        ``no_rope_layers`` (SmolLM3)... -- any list as long as the layer count (with one layer, only
+        keys that say so)."""
+        n = self.num_layers(config)
+        return [k for k, v in config.items() if isinstance(v, list) and v and len(v) == n
+                and k != "architectures" and (n > 1 or "layer" in k)]
+
     def with_num_layers(self, config: dict, n: int) -> dict:
-        """A copy of ``config`` describing ``n`` layers (per-layer lists are cut or extended)."""
+        """A copy of ``config`` describing ``n`` layers (per-layer lists are cut or repeated cyclically)."""
         out = dict(config)
+        for key in self.per_layer_keys(config):
+            value = config[key]
+            out[key] = (value * (n // len(value) + 1))[:n]
         out[self.num_layers_key] = n
-        # Some configs (e.g. Qwen2/3, Gemma) carry a per-layer list such as layer_types.
-        for key, value in config.items():
-            if isinstance(value, list) and len(value) == self.num_layers(config) and key.startswith("layer_"):
-                out[key] = (value * (n // len(value) + 1))[:n] if value else value
+        return out
+
+    def with_layers(self, config: dict, layers: list[tuple[dict, int]]) -> dict:
+        """A copy of ``config`` for a stack whose layer k is layer ``i`` of the model configured by
+        ``c``, ``(c, i) = layers[k]``: each per-layer list takes its value from that source layer
+        (a sliding-window layer stays one), cyclically only where a source lacks the list."""
+        out = self.with_num_layers(config, len(layers))
+        for key in self.per_layer_keys(config):
+            own = [source.get(key) for source, _ in layers]
+            if all(isinstance(v, list) and len(v) == self.num_layers(source) for v, (source, _) in zip(own, layers)):
+                out[key] = [v[i] for v, (_, i) in zip(own, layers)]
         return out
 
 

@@ -266,3 +266,34 @@ def test_gpt2_path_folds_its_c_proj_and_generates(tmp_path):
     models = [{"model": p, "parameters": {"weight": 0.5}} for p in paths]
     gpt2.materialize(Recipe.model_validate({"merge_method": "linear", "models": models}))
     assert live.config.n_layer == 2 and len(live.transformer.h) == 2
+
+
+def test_sliding_window_layers_keep_their_type_in_a_path(tmp_path):
+    """Qwen2 with per-layer ``layer_types``: a path's (and a frankenmerge's) layer types follow its source
+    layers, and the live path runs (its layer count and types set together) and equals the export."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=50, max_position_embeddings=32, use_sliding_window=True,
+                             sliding_window=3, layer_types=["full_attention", "full_attention", "sliding_attention",
+                                                            "sliding_attention"], bos_token_id=0, eos_token_id=0)
+        Qwen2ForCausalLM(config).save_pretrained(tmp_path / f"q{seed}")
+        paths.append(str(tmp_path / f"q{seed}"))
+    steps = [(paths[0], 0), (paths[1], 2), (paths[0], 1), (paths[1], 3), (paths[0], 2)]
+    recipe = path_recipe(steps, [1.0] * len(steps), arch=LLAMA)
+    want = ["full_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    out = merge_to_dir(recipe, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["layer_types"] == want
+    live = ResidentMerger(paths[0], [paths[1]], device="cpu").materialize(recipe)
+    assert live.config.num_hidden_layers == 5 and live.config.layer_types == want
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])  # longer than the window
+    assert rel(logits(live, ids), _logits_of(out, ids)) < 1e-5
+
+
+def _logits_of(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    return logits(AutoModelForCausalLM.from_pretrained(path).eval(), ids)

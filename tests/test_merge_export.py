@@ -422,6 +422,11 @@ def test_arch_maps_for_gpt2_and_inferred_families():
     assert gpt2.with_num_layers({"n_layer": 12}, 20)["n_layer"] == 20
     qwen = arch_for({"model_type": "qwen2", "num_hidden_layers": 2, "layer_types": ["full", "sliding"]})
     assert qwen.with_num_layers({"num_hidden_layers": 2, "layer_types": ["full", "sliding"]}, 3)["layer_types"] == ["full", "sliding", "full"]
+    # any per-layer list (SmolLM3's no_rope_layers), following its source layers in a stack
+    smol = {"num_hidden_layers": 2, "no_rope_layers": [1, 0], "architectures": ["X"]}
+    other = {"num_hidden_layers": 3, "no_rope_layers": [0, 0, 1]}
+    stacked = qwen.with_layers(smol, [(smol, 1), (other, 2), (smol, 0)])
+    assert stacked["no_rope_layers"] == [0, 1, 1] and stacked["num_hidden_layers"] == 3 and stacked["architectures"] == ["X"]
     guessed = arch_for({"model_type": "newthing", "num_layers": 4}, ["backbone.blocks.0.w", "head.w"])
     assert guessed.layer_of("backbone.blocks.3.w") == 3 and guessed.num_layers({"num_layers": 4}) == 4
     with pytest.raises(EvomergeError, match="cannot tell which tensors are per-layer"):

@@ -142,7 +142,12 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
 
     config = dict(ref.config)
     if recipe.slices is not None:
-        config = arch.with_num_layers(config, offset)
+        # each output layer is its slice's lead source layer (the base's where it is in the slice)
+        stack = []
+        for sl in slices:
+            lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
+            stack += [(models[lead.model].config, lead.layer_range[0] + j) for j in range(sl.length)]
+        config = arch.with_layers(config, stack)
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype

@@ -44,8 +44,8 @@ Limits of layer paths: a path runs at the pool's precision (the recipe's
 ``dtype``/``out_dtype`` rounding of the folded weights is not reproduced) and
 each layer with its own model's config (export uses the first model's config
 for all: the same when the models share hyperparameters, as merge families do);
-per-layer attention types (sliding-window hybrids) follow export's config for
-the cache and masks but the source layer for the module; ``output_hidden_states``
+per-layer lists such as attention types (sliding-window hybrids) follow each
+path position's source layer, in the live config as in export's; ``output_hidden_states``
 and ``output_attentions`` are not supported (transformers installs its capture
 hooks once, on whichever layers are in place then).
 
@@ -329,9 +329,9 @@ class ResidentMerger:
         """The path's layer count and per-layer lists (``layer_types``...) as export writes them."""
         config = self.model.config
         if self._own_config is None:
-            n = getattr(config, arch.num_layers_key)
-            lists = {k for k, v in {**vars(config), **plan.config}.items()
-                     if k.startswith("layer_") and isinstance(v, list) and len(v) == n}
+            # the live config's own values (the plan's lists already have the path's length)
+            own = {k: getattr(config, k, None) for k in {*vars(config), *plan.config}}
+            lists = set(arch.per_layer_keys(own))
             self._own_config = {k: getattr(config, k) for k in {arch.num_layers_key} | lists if hasattr(config, k)}
         own = self._own_config
         # Lists the stored config.json lacks (computed by the config class) are cut or extended like export's.
