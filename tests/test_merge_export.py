@@ -540,3 +540,17 @@ def test_a_full_disk_is_named_and_leaves_nothing(zoo, tmp_path, monkeypatch):
     with pytest.raises(EvomergeError, match=r"model(-\d+-of-\d+)?\.safetensors: cannot write \S+ \(No space left on device\)"):
         merge_to_dir(r, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_models_of_different_architectures_are_refused(zoo, tmp_path):
+    """Same tensor names, other family (Mistral's layers under a Llama config): refused, naming both types."""
+    other = _copy_model(zoo["rev"], tmp_path / "mistral")
+    _break_config(other, {**json.loads((other / "config.json").read_text()), "model_type": "mistral",
+                          "architectures": ["MistralForCausalLM"]})
+    for data in ({"merge_method": "task_arithmetic", "base_model": zoo["base"],
+                  "models": [{"model": str(other), "parameters": {"weight": 1.0}}]},
+                 {"merge_method": "passthrough", "slices": [{"sources": [{"model": zoo["base"], "layer_range": [0, 1]}]},
+                                                            {"sources": [{"model": str(other), "layer_range": [1, 2]}]}]}):
+        with pytest.raises(EvomergeError, match=rf"models of different architectures \({zoo['base']} is 'llama', "
+                                                rf"{other} is 'mistral'\)"):
+            merge_to_dir(recipe(data), tmp_path / "out")

@@ -94,6 +94,11 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
     if method.base == "required" and not recipe.base_model:
         raise EvomergeError(f"{where}: {method.name} needs a base_model")
 
+    types = {m: models[m].config.get("model_type") for m in recipe.referenced_models()}
+    if len(set(types.values())) > 1:
+        # the output runs on one family's code: another family's layers would load wrongly or not at all
+        listing = ", ".join(f"{m} is {t!r}" for m, t in types.items())
+        raise EvomergeError(f"{where}: models of different architectures ({listing}); merge models of one family")
     slices = _slices(recipe, models, method)
     reference = recipe.base_model or slices[0].sources[0].model
     ref = models[reference]
