@@ -182,3 +182,16 @@ def test_fused_route_equals_export(tiny_zoo, tmp_path, monkeypatch):
     merger = ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu", fused=True)
     assert_equal_to_export_twice(merger, [Recipe.model_validate(c) for c in task_vector_candidates(tiny_zoo)], tmp_path)
     assert {"high_halves", "merge"} <= set(compiled) and not fused._broken
+
+
+def test_a_family_whose_tensors_are_stacked_on_load_is_refused_clearly(tmp_path):
+    """Mixtral's experts are stacked into one live tensor on load: no in-place writes by name, one clear error."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from evomerge.errors import EvomergeError
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    with pytest.raises(EvomergeError, match="MixtralForCausalLM: its checkpoint tensors are split or stacked on load"):
+        ResidentMerger(tmp_path / "moe", [tmp_path / "moe"], device="cpu")

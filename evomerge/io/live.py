@@ -56,7 +56,13 @@ def checkpoint_names(model) -> dict[str, str]:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers before 5 loads checkpoint names as they are
         return {n: n for n in live}
-    saved = revert_weight_conversion(model, {n: torch.tensor([float(i)]) for i, n in enumerate(live)})
+    try:
+        saved = revert_weight_conversion(model, {n: torch.tensor([float(i)]) for i, n in enumerate(live)})
+    except (IndexError, RuntimeError, ValueError) as exc:  # conversions that split or stack tensors (MoE experts)
+        raise EvomergeError(
+            f"{type(model).__name__}: its checkpoint tensors are split or stacked on load ({type(exc).__name__}: "
+            f"{exc}); in-place candidates are not supported for this model family"
+        ) from None
     out = {}
     for name, marker in saved.items():
         if marker.numel() != 1:
