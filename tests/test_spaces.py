@@ -226,3 +226,24 @@ def test_dataflow_starts_at_the_anchors_own_path(tiny_zoo, tmp_path):
                               state_dir=tmp_path / name, x0=x0)
         # the start point itself first (CMA-ES: injected into a first generation centred on it)
         assert opt.ask().x.tolist() == x0.tolist(), name
+
+
+def test_scales_on_a_family_that_cannot_fold_them_are_refused_when_read(tiny_zoo, tmp_path):
+    """Post-/sandwich-norm families (here the zoo relabelled as OLMo 2) cannot scale a layer's output."""
+    import json
+    import shutil
+
+    from evomerge.errors import EvomergeError
+
+    models = {}
+    for name in ("base", "copy", "rev", "sort"):
+        shutil.copytree(tiny_zoo.models[name], tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "model_type": "olmo2"}))
+        models[name] = tmp_path / name
+    relabelled = type(tiny_zoo)(tiny_zoo.path, {**tiny_zoo.manifest, "models": {k: str(v) for k, v in models.items()}})
+    space = load(tiny_space(relabelled, tmp_path, genome={"type": "dataflow", "scales": "slot"}))
+    with pytest.raises(EvomergeError, match="genome.scales: slot needs layers whose residual output can be scaled, "
+                                            "which 'olmo2' models do not have"):
+        space.build_genome()
+    assert load(tiny_space(relabelled, tmp_path, name="none", genome={"type": "dataflow", "scales": "none"})).build_genome()

@@ -63,6 +63,14 @@ class DataflowGenome(Genome):
         if anchor not in by_path:
             raise EvomergeError(f"genome.anchor {config.anchor!r} is neither the base nor a source of this space")
         self.anchor = by_path[anchor]
+        arch = self.anchor.dir.arch
+        if config.scales != "none" and not arch.residual_out and config.scale_bounds != (1.0, 1.0):
+            # found per candidate, every one would fail: say so when the space is read
+            raise EvomergeError(
+                f"genome.scales: {config.scales} needs layers whose residual output can be scaled, which "
+                f"{self.anchor.dir.config.get('model_type')!r} models do not have (post- or sandwich-norm layers, "
+                "MoE experts); use scales: none"
+            )
         layers = [(m, i) for m in sources for i in range(m.num_layers)]
         self.slots = layers * config.repeats
         T = len(self.slots)
