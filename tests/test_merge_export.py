@@ -515,10 +515,12 @@ def test_a_model_tying_its_head_lends_its_embeddings(zoo, tmp_path):
     out = state(merge_to_dir(r, tmp_path / "out"))
     base, embed = ModelDir(zoo["base"]).tensor("lm_head.weight"), ModelDir(tied).tensor("model.embed_tokens.weight")
     assert torch.equal(out["lm_head.weight"], ((embed.float() - base.float()) * 0.5 + base.float()).to(base.dtype))
-    # a tied base: its embeddings are the base of the head's merge
+    # a tied base: its embeddings are the base of the head's merge, and the output keeps the merged head untied
     r = recipe({"merge_method": "task_arithmetic", "base_model": str(tied),
                 "models": [{"model": zoo["sort"], "parameters": {"weight": 1.0}}]})
-    assert "lm_head.weight" in state(merge_to_dir(r, tmp_path / "out2"))
+    out2 = merge_to_dir(r, tmp_path / "out2")
+    assert "lm_head.weight" in state(out2)
+    assert json.loads((out2 / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_a_full_disk_is_named_and_leaves_nothing(zoo, tmp_path, monkeypatch):

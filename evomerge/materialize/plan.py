@@ -153,6 +153,9 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
             lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
             stack += [(models[lead.model].config, lead.layer_range[0] + j) for j in range(sl.length)]
         config = arch.with_layers(config, stack)
+    if config.get("tie_word_embeddings") and any(arch.tied_to(job.out_name) for job in jobs):
+        # a head of its own was merged (a source stores one): tied, loaders would replace it by the embeddings
+        config["tie_word_embeddings"] = False
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype
