@@ -173,6 +173,14 @@ def test_runs_are_overlaid_and_a_report_is_replaced_whole(runs, tmp_path):
     with pytest.raises(EvomergeError, match="is not an evomerge report"):
         write_report([runs["parameter"].path], other)
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    # a summary.md does not make a folder a report: the user's other files would go with it
+    (other / "summary.md").write_text("# my notes")
+    with pytest.raises(EvomergeError, match="is not an evomerge report"):
+        write_report([runs["parameter"].path], other)
+    (out / "my-notes.md").write_text("keep")  # nor does a report the user added files to
+    with pytest.raises(EvomergeError, match="is not an evomerge report"):
+        write_report([runs["parameter"].path], out)
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt", "summary.md"] and (out / "my-notes.md").exists()
 
 
 def test_status_of_a_multi_objective_run_marks_its_pareto_front(runs):

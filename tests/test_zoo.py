@@ -124,9 +124,14 @@ def test_zoo_of_other_spec_needs_force(tiny_zoo, tmp_path):
     # --force replaces what a build wrote, never files of the user's kept beside it
     (out / "my-runs").mkdir()
     (out / "my-runs" / "notes.txt").write_text("precious")
-    with pytest.raises(EvomergeError, match=r"not part of the zoo \(my-runs\); --force would delete them"):
+    with pytest.raises(EvomergeError, match=r"not part of the zoo \(my-runs/notes.txt\); --force would delete them"):
         build_zoo("lm", "tiny", out, seed=1, force=True)
     assert (out / "my-runs" / "notes.txt").read_text() == "precious" and load_zoo(out).manifest["seed"] == 0
+    shutil.rmtree(out / "my-runs")  # inside the zoo's own folders too (a task YAML of the user's)
+    (out / "tasks" / "my_task.yaml").write_text("task: mine")
+    with pytest.raises(EvomergeError, match=r"not part of the zoo \(tasks/my_task.yaml\)"):
+        build_zoo("lm", "tiny", out, seed=1, force=True)
+    assert (out / "tasks" / "my_task.yaml").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

@@ -74,8 +74,9 @@ def write_report(paths: list[Path], out: Path | None = None) -> Report:
     """
     runs = load_runs([Path(p) for p in paths])
     out = Path(out) if out is not None else default_out(paths)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY).exists())):
-        raise EvomergeError(f"{out}: exists and is not an evomerge report; choose another --out")
+    if out.exists() and not _is_report(out):
+        raise EvomergeError(f"{out}: exists and is not an evomerge report (a report holds only summary.md and "
+                            "PNG plots); choose another --out")
     made: list[Plot] = []
     with atomic_dir(out, replace=True) as tmp:
         made.append(Plot("progress.png", "fitness per evaluation and best so far"
@@ -90,6 +91,16 @@ def write_report(paths: list[Path], out: Path | None = None) -> Report:
                     made.append(Plot(file, kind.what, run.label))
         (tmp / SUMMARY).write_text(summary_markdown(runs, made))
     return Report(out, runs, made)
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is an empty directory or one a report wrote: ``summary.md`` and PNG plots, nothing else
+    (it is replaced whole, so a folder also holding the user's files must not pass for one)."""
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return not entries or ((path / SUMMARY).is_file()
+                           and all(e.is_file() and (e.name == SUMMARY or e.suffix == ".png") for e in entries))
 
 
 def _slug(label: str) -> str:

@@ -171,7 +171,9 @@ def build_zoo_dir(kind: str, size: str, spec, out: Path | None, *, seed: int, fo
         with pinned_numerics(spec.threads, seed):
             manifest = build(tmp, out.resolve(), say)
         manifest.update(kind=kind, size=size, seed=seed, fingerprint=fingerprint, spec=asdict(spec),
-                        build_seconds=round(time.perf_counter() - start, 1))
+                        build_seconds=round(time.perf_counter() - start, 1),
+                        # what --force may replace: a file of the user's added to the zoo is not on this list
+                        files=sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
         write_json_atomic(tmp / MANIFEST, manifest)
     return ZooInfo(out, read_manifest(out))
 

@@ -92,7 +92,7 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
                 f"{out}: holds a different zoo ({manifest.get('kind')} {manifest.get('size')}, "
                 f"seed {manifest.get('seed')}); pass --force to replace it or choose another --out"
             )
-        extra = sorted(p.name for p in out.iterdir() if p.name not in _built_entries(manifest))
+        extra = _foreign_files(out, manifest)
         if extra:
             raise EvomergeError(
                 f"{out}: holds files that are not part of the zoo ({', '.join(extra[:3])}"
@@ -105,13 +105,19 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
     return None
 
 
-def _built_entries(manifest: dict) -> set[str]:
-    """The top-level names a zoo build writes: the manifest, the model directories, the task/data directory."""
-    names = {MANIFEST, str(manifest.get("tasks_dir", ""))}
-    models = manifest.get("models")
-    if isinstance(models, dict):
-        names |= {Path(str(rel)).parts[0] for rel in models.values() if Path(str(rel)).parts}
-    return names
+def _foreign_files(out: Path, manifest: dict) -> list[str]:
+    """Files under zoo directory ``out`` that its build did not write (relative paths, sorted).
+
+    The manifest lists what the build wrote (``files``); a zoo built before it
+    did is checked at the top level only (its model and task directories).
+    """
+    if isinstance(manifest.get("files"), list):
+        built = {MANIFEST, *map(str, manifest["files"])}
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                      if p.is_file() and str(p.relative_to(out)) not in built)
+    models = manifest.get("models") if isinstance(manifest.get("models"), dict) else {}
+    tops = {MANIFEST, str(manifest.get("tasks_dir", "")), *(Path(str(r)).parts[0] for r in models.values() if r)}
+    return sorted(p.name for p in out.iterdir() if p.name not in tops)
 
 
 #: Prefix of model references that name a member of the embedded zoo, e.g. ``zoo:lm/small/shift``.
