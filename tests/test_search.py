@@ -254,6 +254,9 @@ def test_staged_search_evolves_a_layer_path_over_the_parameter_winner(tiny_zoo, 
     shutil.rmtree(run_dir / "best")
     text = " ".join(_run_cli("status", run_dir).stdout.split())
     assert f"the search is complete but its best is not exported to {run_dir / 'best'}" in text
+    # stage 1's winner is stage 2's source: no export may replace it under stage 2's results
+    result = _run_cli("export", first.path, first.path / "best", "--force", "--no-score", "--rank", "2")
+    assert result.returncode == 2 and "an input of this command; refusing to replace it" in " ".join(result.stderr.split())
 
 
 def test_corrupt_optimizer_state_is_rebuilt_from_the_journal(tiny_zoo, tmp_path, reference_run):

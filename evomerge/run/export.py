@@ -83,8 +83,22 @@ def export_run(run: RunDir, out: Path, *, rank: int = 1, force: bool = False, sc
             card.write(_scores_section(run, chosen, scores))
 
     say(f"merging candidate #{chosen.id}")
-    merge_to_dir(recipe, out, force=force, finalize=finalize, inputs=[run.path])
+    merge_to_dir(recipe, out, force=force, finalize=finalize, inputs=[run.path, *_used_by_sibling_stages(run)])
     return scores
+
+
+def _used_by_sibling_stages(run: RunDir) -> list[Path]:
+    """The models that the other stages of ``run``'s staged run are built on (stage 2 merges ``stage1/best``):
+    an export must not replace them under results that were scored with them."""
+    parent = RunDir(run.path.parent)
+    if not parent.config_file.is_file():
+        return []
+    used = []
+    for config in parent.path.glob("*/config.yaml"):
+        if config.parent != run.path:
+            models = RunDir(config.parent).space().models
+            used += [Path(models.base), *map(Path, models.sources)]
+    return used
 
 
 def _scores_section(run: RunDir, chosen: Evaluation, scores: dict) -> str:
