@@ -42,7 +42,7 @@ def zoo_build(
     size: str = typer.Option("small", "--size", help="tiny (seconds, tests), small (demo, minutes), medium (~250M params, benchmarks)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Target directory (default: $EVOMERGE_CACHE/zoo/KIND-SIZE-seedN)."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for data, initialisation and training."),
-    force: bool = typer.Option(False, "--force", help="Replace a zoo of a different spec at --out (never a non-zoo directory, nor one holding files a build did not write)."),
+    force: bool = typer.Option(False, "--force", help="Replace a zoo of a different spec, or a damaged one, at --out (never a non-zoo directory, nor one holding files a build did not write)."),
 ) -> None:
     """Build a model zoo locally, deterministically and without hub access.
 

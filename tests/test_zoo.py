@@ -134,6 +134,17 @@ def test_zoo_of_other_spec_needs_force(tiny_zoo, tmp_path):
     assert (out / "tasks" / "my_task.yaml").exists()
 
 
+def test_a_damaged_zoo_is_not_reused_and_force_rebuilds_it(tiny_zoo, tmp_path):
+    out = tmp_path / "z"
+    shutil.copytree(tiny_zoo.path, out)
+    shard = sorted((out / "rev").glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(EvomergeError, match=rf"the zoo is damaged \(rev/{shard.name} is missing\); rebuild it with --force"):
+        build_zoo("lm", "tiny", out)
+    build_zoo("lm", "tiny", out, force=True)
+    assert shard.is_file() and load_zoo(out).manifest["fingerprint"] == tiny_zoo.manifest["fingerprint"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_unwritable_out_is_a_clear_error(tmp_path):
     locked = tmp_path / "locked"

@@ -74,7 +74,8 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
 
     Returns the zoo already there when it has the same fingerprint (nothing to
     build). Raises when ``out`` holds something else: a zoo of another spec
-    (unless ``force``), a zoo with files of the user's beside it, or any
+    or a damaged one, missing files it lists (unless ``force``), a zoo with
+    files of the user's beside it, or any
     non-empty directory that is not a zoo (always: ``force`` replaces what a
     build made, never a user's files). An empty directory is removed so the
     build can rename its temp dir into place.
@@ -85,8 +86,12 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
         return None
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        if manifest.get("fingerprint") == fingerprint:
+        files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
+        missing = [f for f in files if not (out / str(f)).is_file()]
+        if manifest.get("fingerprint") == fingerprint and not missing:
             return load_zoo(out)
+        if missing and not force:
+            raise EvomergeError(f"{out}: the zoo is damaged ({missing[0]} is missing); rebuild it with --force")
         if not force:
             raise EvomergeError(
                 f"{out}: holds a different zoo ({manifest.get('kind')} {manifest.get('size')}, "
