@@ -94,11 +94,18 @@ def zoo_check(
     each fine-tune beats the base by >= 20 points on its own task, and some
     merge beats every single source model on the task average. Exits 1 if not.
     """
+    from evomerge.fsutil import check_writable_parent
     from evomerge.zoo import default_zoo_dir, load_zoo
     from evomerge.zoo.check import check_zoo
 
     if split not in ("test", "validation"):
         raise EvomergeError(f"--split must be 'test' or 'validation', not {split!r}")
+    if json_out is not None:  # before the scoring, not after it
+        if json_out.is_dir():
+            raise EvomergeError(f"--json {json_out}: is a directory; give a file name")
+        if not json_out.parent.is_dir():
+            raise EvomergeError(f"--json {json_out}: its folder {json_out.parent} does not exist")
+        check_writable_parent(json_out)
     zoo = load_zoo(path if path is not None else default_zoo_dir("lm", size, seed))
     if zoo.manifest.get("kind") != "lm":
         raise EvomergeError(f"{zoo.path}: a {zoo.manifest.get('kind')} zoo; zoo check scores LM zoos "

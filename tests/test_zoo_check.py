@@ -12,3 +12,13 @@ def test_check_matches_build_verification(tiny_zoo):
         assert result.table[model] == built[model], model
     assert "ties(density=0.5, lambda=0.5)" in result.table
     assert result.verdict["best_merge"] in result.table
+
+
+def test_a_bad_json_path_is_refused_before_scoring(tiny_zoo, tmp_path):
+    import subprocess
+    import sys
+
+    for target, message in ((tmp_path / "no" / "t.json", "its folder"), (tmp_path, "is a directory")):
+        result = subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "check", str(tiny_zoo.path), "--json",
+                                 str(target)], capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 2 and message in result.stderr and "exact match" not in result.stdout
