@@ -405,6 +405,11 @@ def status(
     out_console.print(f"[bold]{run.path}[/]: {len(journal) - screened}/{space.budget} evaluations, {len(failed)} failed, "
                       + (f"{screened} screened out by the surrogate, " if screened else "")
                       + f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
+    first = stage_dir(top_run, 0)
+    if run.path not in (top_run.path, first.path):  # a staged run in its data-flow stage: the stage it came from
+        done = ranked(first.journal(), first.space().objective.directions)
+        out_console.print(f"stage 1 ({first.path}): {len(done)}/{first.space().budget} successful evaluations"
+                          + (f", winner #{done[0].id} fitness {done[0].fitness}" if done else ""), soft_wrap=True)
     if not journal:
         out_console.print("no evaluations journaled yet; " + (
             "its search is starting" if run.busy else f"continue with: evomerge resume {run_dir}"), soft_wrap=True)

@@ -249,6 +249,8 @@ def test_staged_search_evolves_a_layer_path_over_the_parameter_winner(tiny_zoo, 
     status = _run_cli("status", run_dir)
     text = " ".join(status.stdout.split())
     assert status.returncode == 0 and "3/3 evaluations" in text and "genome dataflow" in text
+    winner = max((e for e in first.journal() if e.ok), key=lambda e: (e.fitness[0], -e.id))
+    assert f"stage 1 ({first.path}): 3/3 successful evaluations, winner #{winner.id}" in text
     # the data-flow stage's first candidate is stage 1's winner itself: it scores what the winner scored
     assert journal[0].fitness == max(e.fitness for e in first.journal() if e.ok)
     shutil.rmtree(run_dir / "best")
