@@ -75,10 +75,9 @@ def prepare_zoo_dir(out: Path, fingerprint: str, *, force: bool) -> ZooInfo | No
     Returns the zoo already there when it has the same fingerprint (nothing to
     build). Raises when ``out`` holds something else: a zoo of another spec
     or a damaged one, missing files it lists (unless ``force``), a zoo with
-    files of the user's beside it, or any
-    non-empty directory that is not a zoo (always: ``force`` replaces what a
-    build made, never a user's files). An empty directory is removed so the
-    build can rename its temp dir into place.
+    files of the user's in it, or any non-empty directory that is not a zoo
+    (always: ``force`` replaces what a build made, never a user's files). An
+    empty directory is removed so the build can rename its temp dir into place.
     """
     if out.exists() and not out.is_dir():
         raise EvomergeError(f"{out}: exists and is not a directory")
