@@ -247,6 +247,11 @@ def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
         f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"exact_match {number(best['fitness'][0])} (#{best['id']})"]
     status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
     assert status.returncode == 0 and "skipped 6 unreadable journal line(s)" in " ".join(status.stderr.split())
+    # export reads it the same way: the best readable candidate
+    export = subprocess.run([*EVOMERGE, "export", str(run.path), str(tmp_path / "out"), "--no-score"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["candidate"] == best["id"]
 
 
 def test_bad_input_is_one_clear_message(runs, tmp_path):

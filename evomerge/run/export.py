@@ -23,11 +23,15 @@ SCORES = "scores.json"
 
 
 def choose(run: RunDir, rank: int = 1) -> Evaluation:
-    """The ``rank``-th best successful evaluation of ``run`` (1 = best, by the first objective)."""
+    """The ``rank``-th best successful evaluation of ``run`` (1 = best, by the first objective).
+
+    Reads the journal as ``status`` does: lines that do not parse (a line being
+    written, a damaged one) are skipped, not fatal; only resume needs them all.
+    """
     space = run.space()
-    best = ranked(run.journal(), space.objective.directions)
+    best = ranked(run.readable_journal()[0], space.objective.directions)
     if not best:
-        raise EvomergeError(f"{run.path}: no successful evaluation to export yet")
+        raise EvomergeError(f"{run.path}: no successful evaluation yet")
     if rank < 1:
         raise EvomergeError(f"--rank {rank}: ranks start at 1 (the best)")
     if rank > len(best):
