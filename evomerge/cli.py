@@ -244,7 +244,8 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     from evomerge.run.staged import run_stages
 
     run = RunDir.open(run_dir)
-    asked = workers or run.space().workers
+    space = run.space()
+    asked = workers or space.workers
     if local and asked > 1:
         console.print(f"[yellow]note:[/] --local evaluates in this process, one candidate at a time; "
                       f"{asked} workers need Ray (leave out --local)")
@@ -269,7 +270,7 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     def on_stage(index, stage_run):
         console.print(f"stage {index + 1} ({'parameter' if index == 0 else 'data-flow'}): {stage_run.path}")
 
-    staged = run.space().genome.type == "staged"
+    staged = space.genome.type == "staged"
     try:
         with live:
             if staged:
@@ -407,8 +408,9 @@ def status(
                       + f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
     first = stage_dir(top_run, 0)
     if run.path not in (top_run.path, first.path):  # a staged run in its data-flow stage: the stage it came from
-        done = ranked(first.journal(), first.space().objective.directions)
-        out_console.print(f"stage 1 ({first.path}): {len(done)}/{first.space().budget} successful evaluations"
+        first_space = first.space()
+        done = ranked(first.journal(), first_space.objective.directions)
+        out_console.print(f"stage 1 ({first.path}): {len(done)}/{first_space.budget} successful evaluations"
                           + (f", winner #{done[0].id} fitness {done[0].fitness}" if done else ""), soft_wrap=True)
     if not journal:
         out_console.print("no evaluations journaled yet; " + (
@@ -538,6 +540,13 @@ def _print_verdict(v: dict) -> None:
     )
 
 
+def _fail(message: str) -> None:
+    """Print one error line and exit 2."""
+    # messages quote YAML such as [low, high], which rich would take for markup
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    sys.exit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -549,15 +558,11 @@ def main() -> None:
     try:
         app()
     except EvomergeError as exc:
-        # messages quote YAML such as [low, high], which rich would take for markup
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        _fail(str(exc))
     except OSError as exc:
         # a full disk or a vanished directory: outputs and run state are written atomically, so nothing
         # half-written is left, and a search continues with `evomerge resume` once the cause is fixed
-        where = f"{exc.filename}: " if exc.filename else ""
-        console.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        _fail((f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc)))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)

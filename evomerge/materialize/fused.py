@@ -115,7 +115,7 @@ def _run(name: str, *args, **kwargs):
 def high_halves(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``high_half(|source - base|)`` of the float32 magnitudes TIES cuts, contiguous, in one pass where compiled."""
     out = _run("high_halves", base, source)
-    return out if out is not None else high_half(magnitude_at(base, source)(slice(None))).contiguous()
+    return out if out is not None else high_half(task_vector(base.float(), source).abs_()).contiguous()
 
 
 def magnitude_at(base: torch.Tensor, source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -120,6 +120,7 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
     for name in pre:
         add(name, slices[0], [name] * len(slices[0].sources), 0.0, label(0))
     offset = 0
+    stack = []  # per output layer: (its source's config, its index there), for the per-layer config lists
     for si, sl in enumerate(slices):
         for s in sl.sources:
             n_layers = models[s.model].num_layers
@@ -131,6 +132,7 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
         # is reported instead of the tensor being dropped
         lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
         order = [lead, *(s for s in sl.sources if s is not lead)]
+        stack += [(models[lead.model].config, lead.layer_range[0] + j) for j in range(sl.length)]
         for j in range(sl.length):
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
             for s in order:
@@ -147,11 +149,6 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
 
     config = dict(ref.config)
     if recipe.slices is not None:
-        # each output layer is its slice's lead source layer (the base's where it is in the slice)
-        stack = []
-        for sl in slices:
-            lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
-            stack += [(models[lead.model].config, lead.layer_range[0] + j) for j in range(sl.length)]
         config = arch.with_layers(config, stack)
     if config.get("tie_word_embeddings") and any(arch.tied_to(job.out_name) for job in jobs):
         # a head of its own was merged (a source stores one): tied, loaders would replace it by the embeddings
@@ -236,14 +233,10 @@ def _check_output_shapes(jobs: list[TensorJob], reference: str, ref, where: str)
     LM head from a model with another vocabulary) would otherwise write a
     model its own ``config.json`` cannot load.
     """
-    arch = ref.arch
-    first_layer: dict[str, tuple[int, ...]] = {}  # suffix -> shape in the reference's first layer having it
-    for layer, suffixes in sorted(layout(ref).layers.items()):
-        for suffix in suffixes:
-            first_layer.setdefault(suffix, tuple(ref.infos[arch.layer_name(layer, suffix)].shape))
+    first_layer = layout(ref).first_shapes
     for job in jobs:
         info = ref.infos.get(job.out_name)
-        parts = arch.split(job.out_name)
+        parts = ref.arch.split(job.out_name)
         want = tuple(info.shape) if info is not None else first_layer.get(parts[1]) if parts else None
         if want is not None and tuple(job.shape) != want:
             model, name = job.base or job.sources[0]
@@ -289,6 +282,7 @@ class Layout:
 
     outside: tuple[str, ...]  # in storage order
     layers: dict[int, tuple[str, ...]]  # layer index -> names below the layer (``arch.split``), in storage order
+    first_shapes: dict[str, tuple[int, ...]]  # name below a layer -> its shape in the first layer having it
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -304,7 +298,12 @@ def layout(model) -> Layout:
                 outside.append(name)
             else:
                 layers.setdefault(parts[0], []).append(parts[1])
-        _LAYOUTS[model] = Layout(tuple(outside), {layer: tuple(names) for layer, names in layers.items()})
+        first_shapes: dict[str, tuple[int, ...]] = {}
+        for layer in sorted(layers):
+            for suffix in layers[layer]:
+                first_shapes.setdefault(suffix, tuple(model.infos[model.arch.layer_name(layer, suffix)].shape))
+        _LAYOUTS[model] = Layout(tuple(outside), {layer: tuple(names) for layer, names in layers.items()},
+                                 first_shapes)
     return _LAYOUTS[model]
 
 

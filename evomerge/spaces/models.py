@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, prefixed
 from evomerge.io.model_dir import ModelDir
 from evomerge.zoo.registry import ZOO_PREFIX, resolve_zoo_ref
 
 
 def resolve_ref(ref: str, *, relative_to: Path | None = None, progress=None, key: str | None = None) -> str:
     """Absolute path for a model, directory or file reference (``zoo:…`` or a path); errors name ``key``."""
-    try:
+    with prefixed(key):
         if ref.startswith(ZOO_PREFIX):
             return str(resolve_zoo_ref(ref, progress=progress))
         path = Path(ref).expanduser()
@@ -21,10 +21,6 @@ def resolve_ref(ref: str, *, relative_to: Path | None = None, progress=None, key
         if not path.exists():
             raise EvomergeError(f"{ref!r}: no such file or directory")
         return str(path.resolve())
-    except EvomergeError as exc:
-        if key is None:
-            raise
-        raise EvomergeError(f"{key}: {exc}") from None
 
 
 @dataclass(frozen=True)

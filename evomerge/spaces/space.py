@@ -21,7 +21,6 @@ working directory.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,7 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, prefixed
 from evomerge.evaluation.objective import Objective, Surrogate
 from evomerge.spaces.dataflow import DataflowGenomeConfig
 from evomerge.spaces.genome import Genome
@@ -39,15 +38,6 @@ from evomerge.yamlconfig import parse_yaml, read_text, validate, with_overrides
 
 #: Evaluator settings that name files or directories (resolved like model references).
 PATH_SETTINGS = ("include_path", "path", "test_path", "data", "head_from", "paths", "heads_from")
-
-
-@contextlib.contextmanager
-def _keyed(prefix: str):
-    """Prefix the EvomergeError raised inside with ``prefix`` (the file and key it is about)."""
-    try:
-        yield
-    except EvomergeError as exc:
-        raise EvomergeError(f"{prefix}: {exc}") from None
 
 
 class _Strict(BaseModel):
@@ -174,7 +164,7 @@ class SearchSpace(_Strict):
         from evomerge.optimize import build_optimizer
 
         def at(key: str):
-            return _keyed(f"{source}: {key}")
+            return prefixed(f"{source}: {key}")
 
         with at("genome"):
             genome = self.stage(0).build_genome() if isinstance(self.genome, StagedGenomeConfig) else self.build_genome()
