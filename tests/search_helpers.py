@@ -38,5 +38,5 @@ def tiny_space(zoo, tmp_path: Path, *, name: str = "tiny", budget: int = 6, opti
 
 def comparable(journal) -> list[dict]:
     """Journal entries without what legitimately differs between runs (timings, worker, attempts)."""
-    varying = ("seconds", "worker", "attempts", "started", "finished")
+    varying = ("seconds", "worker", "attempts", "started", "finished", "session")
     return [{k: v for k, v in vars(e).items() if k not in varying} for e in journal]

@@ -20,6 +20,7 @@ from evomerge.report.series import (
     layer_path,
     parameter_layers,
     pareto_mask,
+    wall_clock,
 )
 from evomerge.report.summary import number
 from evomerge.run.executor import LocalExecutor
@@ -278,6 +279,32 @@ def test_best_so_far_and_pareto_mask():
     points = [[0.9, 5], [0.8, 3], [0.7, 4], [0.9, 6], [0.5, 1]]
     assert pareto_mask(points, ["maximize", "minimize"]) == [True, True, False, False, True]
     assert np.array(pareto_mask([], ["maximize", "minimize"])).size == 0
+
+
+def test_pauses_between_sessions_are_left_out_of_the_wall_clock(runs, tmp_path):
+    """A run resumed an hour after it stopped: rates and utilization count the sessions, not the pause."""
+    run = RunDir(tmp_path / "resumed")
+    shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
+    lines = [json.loads(x) for x in run.journal_file.read_text().splitlines()]
+    first, second = lines[:3], lines[3:]
+    for e in second:
+        e["started"] += 3600.0
+        e["finished"] += 3600.0
+        e["session"] = 2
+    run.journal_file.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    clock = wall_clock(run.journal())
+    spans = [(min(e["started"] for e in s), max(e["finished"] for e in s)) for s in (first, second)]
+    assert clock.pauses == ((spans[0][1], spans[1][0]),)
+    assert clock.seconds == pytest.approx(sum(b - a for a, b in spans))
+    t = second[0]["started"]
+    assert clock.elapsed(t) == pytest.approx(t - spans[0][0] - (spans[1][0] - spans[0][1]))
+    busy = sum(e["finished"] - e["started"] for e in lines)
+    assert clock.utilization == pytest.approx(busy / clock.seconds)  # one worker
+    assert clock.utilization > 0.5  # counted over the hour's pause it would be under 1%
+    report = write_report([run.path])
+    text = (report.out / "summary.md").read_text()
+    assert "over 2 sessions" in text and "between them left out" in text
+    _png(report.out / "workers.png")
 
 
 def test_staged_run_reports_both_stages(tiny_zoo, runs, tmp_path):

@@ -81,6 +81,7 @@ def test_resume_with_a_larger_budget_continues(tiny_zoo, tmp_path, reference_run
     run.save_space(run.space().with_overrides(budget=8))
     Runner(run, local).run()
     assert comparable(run.journal()) == comparable(reference_run[0].journal())
+    assert [e.session for e in run.journal()] == [1] * 5 + [2] * 3
 
 
 def test_placement_of_the_pool_is_reported_and_changes_no_result(tiny_zoo, tmp_path, reference_run):

@@ -28,6 +28,8 @@ from evomerge.spaces.parameter import DEFAULT_BOUNDS
 
 STATUS_COLORS = {"ok": "tab:green", "failed": "tab:red", "oom": "tab:orange", "screened": "tab:gray"}
 DPI = 100
+WALL_LABEL = "wall time (minutes)"
+PAUSED = ", pauses between sessions left out"
 
 
 def _color(i: int) -> str:
@@ -68,7 +70,7 @@ def progress(runs: list[ReportRun], file: Path) -> None:
             xs = {"evaluation": np.arange(1, len(full) + 1, dtype=float)}
             if timed:
                 xs["minutes"] = np.array([np.nan if e.finished is None or clock is None
-                                          else (e.finished - clock.start) / 60 for e in full])
+                                          else clock.elapsed(e.finished) / 60 for e in full])
             for col, x in enumerate(xs.values()):
                 ax = axes[row, col]
                 ok = np.array([v is not None for v in values])
@@ -82,7 +84,8 @@ def progress(runs: list[ReportRun], file: Path) -> None:
         axes[row, 0].xaxis.get_major_locator().set_params(integer=True)
         if timed:
             axes[row, 1].set_xlim(left=0)
-        for col, xlabel in enumerate(["full evaluation", "wall time (minutes)"][:cols]):
+        paused = any((c := wall_clock(r.timed)) is not None and c.pauses for r in runs)
+        for col, xlabel in enumerate(["full evaluation", WALL_LABEL + (PAUSED if paused else "")][:cols]):
             ax = axes[row, col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel(name)
@@ -185,7 +188,7 @@ def workers(run: ReportRun, file: Path) -> None:
     bars: dict[tuple[int, str], list[tuple[float, float]]] = {}  # one artist per worker and status
     for e in timed:
         if e.worker is not None:
-            bars.setdefault((e.worker, _kind(e)), []).append(((e.started - clock.start) / 60,
+            bars.setdefault((e.worker, _kind(e)), []).append((clock.elapsed(e.started) / 60,
                                                               (e.finished - e.started) / 60))
     for (worker, kind), spans in bars.items():
         top.broken_barh(spans, (ids.index(worker) - 0.4, 0.8), facecolor=STATUS_COLORS[kind],
@@ -198,13 +201,13 @@ def workers(run: ReportRun, file: Path) -> None:
                         if any(_kind(e) == k for e in timed)],
                fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     order = sorted(timed, key=lambda e: e.finished)
-    minutes = [(e.finished - clock.start) / 60 for e in order]
+    minutes = [clock.elapsed(e.finished) / 60 for e in order]
     for kind, color in STATUS_COLORS.items():
         counts = np.cumsum([_kind(e) == kind for e in order])
         if counts[-1]:
             bottom.step(minutes, counts, where="post", color=color, label=kind)
     bottom.set_ylabel("evaluations so far")
-    bottom.set_xlabel("wall time (minutes)")
+    bottom.set_xlabel(WALL_LABEL + (PAUSED if clock.pauses else ""))
     bottom.grid(alpha=0.3)
     bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"{run.label}: workers and failures")

@@ -37,7 +37,12 @@ def objective_values(evaluations: list[Evaluation], k: int) -> list[float | None
 
 @dataclass(frozen=True)
 class WallClock:
-    """When a run's evaluations ran, from the journal's worker start/finish times."""
+    """When a run's evaluations ran, from the journal's worker start/finish times.
+
+    A resumed run ran in sessions; the time between one session's last finish
+    and the next one's first start (the run was stopped) is a pause, left out
+    of every duration here.
+    """
 
     start: float
     end: float
@@ -45,27 +50,45 @@ class WallClock:
     workers: int
     #: worker-seconds spent on journaled work
     busy: float
+    #: worker-seconds the sessions had: each session's span times its workers
+    capacity: float
+    #: (last finish of a session, first start of the next) where that gap is positive
+    pauses: tuple[tuple[float, float], ...] = ()
 
     @property
     def seconds(self) -> float:
-        """Wall time from the first start to the last finish (pauses between resumed sessions included)."""
-        return self.end - self.start
+        """Wall time from the first start to the last finish, pauses between sessions left out."""
+        return self.elapsed(self.end)
+
+    def elapsed(self, t: float) -> float:
+        """Seconds from the first start to unix time ``t``, pauses before ``t`` left out."""
+        return t - self.start - sum(min(b, t) - a for a, b in self.pauses if a < t)
 
     @property
     def utilization(self) -> float:
         """Busy share of the workers' wall time, in [0, 1]."""
-        span = self.seconds * self.workers
-        return self.busy / span if span > 0 else 0.0
+        return self.busy / self.capacity if self.capacity > 0 else 0.0
 
 
 def wall_clock(timed: list[Evaluation]) -> WallClock | None:
-    """The wall clock of the timed evaluations, None when there are none."""
+    """The wall clock of the timed evaluations, None when there are none.
+
+    Sessions come from the journal's session numbers (a journal without them is
+    one session).
+    """
     if not timed:
         return None
+    sessions: dict[int | None, list[Evaluation]] = {}
+    for e in timed:
+        sessions.setdefault(e.session, []).append(e)
+    spans = sorted((min(e.started for e in s), max(e.finished for e in s),
+                    max(1, len({e.worker for e in s if e.worker is not None}))) for s in sessions.values())
+    pauses = tuple((a_end, b_start) for (_, a_end, _), (b_start, _, _) in pairwise(spans) if b_start > a_end)
     workers = {e.worker for e in timed if e.worker is not None}
     return WallClock(
-        start=min(e.started for e in timed), end=max(e.finished for e in timed),
-        workers=max(1, len(workers)), busy=sum(e.finished - e.started for e in timed if e.worker is not None),
+        start=spans[0][0], end=max(end for _, end, _ in spans), workers=max(1, len(workers)),
+        busy=sum(e.finished - e.started for e in timed if e.worker is not None),
+        capacity=sum((end - start) * n for start, end, n in spans), pauses=pauses,
     )
 
 

@@ -84,7 +84,9 @@ def _run_section(run: ReportRun) -> list[str]:
                      "it was written before evomerge recorded them)")
     else:
         rate = evals_per_minute(len(run.full), clock)
-        lines.append(f"- wall time: {duration(clock.seconds)} from the first start to the last finish"
+        pauses = (f" over {len(clock.pauses) + 1} sessions (the {duration(sum(b - a for a, b in clock.pauses))} "
+                  "between them left out)") if clock.pauses else ""
+        lines.append(f"- wall time: {duration(clock.seconds)} from the first start to the last finish{pauses}"
                      + ("" if rate is None else f", {rate:.2f} evaluations/min")
                      + f", worker utilization {clock.utilization:.0%} ({clock.workers} worker(s)"
                      + ("; surrogate probes of fully evaluated candidates are not journaled, so not counted"

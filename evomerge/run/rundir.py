@@ -67,6 +67,9 @@ class Evaluation:
     #: surrogate probe of a screened candidate); None in journals written before they were recorded
     started: float | None = None
     finished: float | None = None
+    #: which session of the run journaled it (1: the search, +1 per resume), so views can leave out the
+    #: pauses between sessions; None in journals written before it was recorded
+    session: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -263,7 +266,7 @@ def parse_evaluation(raw: bytes | str) -> Evaluation:
     e = evaluation
     shaped = (isinstance(e.genes, dict) and isinstance(e.metrics, dict) and isinstance(e.x, list)
               and isinstance(e.fitness, (list, type(None))) and isinstance(e.recipe, dict)
-              and _is_int(e.id) and _is_int(e.attempts))
+              and _is_int(e.id) and _is_int(e.attempts) and (e.session is None or _is_int(e.session)))
     numbers = [*e.genes.values(), *e.x, *e.metrics.values(), *(e.fitness or []), e.seconds,
                *(v for v in (e.surrogate, e.started, e.finished) if v is not None)] if shaped else []
     if not shaped or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):

@@ -129,6 +129,8 @@ class Runner:
             dup = next(i for i in ids if ids.count(i) > 1)
             raise EvomergeError(f"{self.run_dir.journal_file}: evaluation {dup} appears twice; the journal was edited")
         self.done = {e.id: e for e in journal}
+        # evaluations journaled before sessions were numbered count as the first session's
+        self.session = 1 + max((e.session or 1 for e in journal), default=0)
         try:
             restored = self.optimizer.restore()
         except CorruptStateError as exc:
@@ -212,7 +214,7 @@ class Runner:
             metrics=metrics, fitness=fitness, status=status, error=error, worker=result.get("worker"),
             seconds=round(seconds, 4), attempts=candidate.attempts + 1 if attempts is None else attempts,
             surrogate=surrogate, screened=estimate is not None,
-            started=result.get("started", finished - seconds), finished=finished,
+            started=result.get("started", finished - seconds), finished=finished, session=self.session,
         )
         self.run_dir.append(evaluation)
         self._tell(evaluation)
