@@ -302,9 +302,16 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
             console.print(f"[yellow]interrupted[/] while exporting; the search itself is complete. "
                           f"Export its best with: evomerge resume {run_dir}")
             raise typer.Exit(130) from None
-        test = scores.get("test", {}).get("fitness")
-        console.print(f"best model exported to [bold]{run.best_dir}[/]" + (f" (test split: {test})" if test else ""))
+        _exported(f"best model exported to [bold]{run.best_dir}[/]", scores)
     out_console.print(str(run.path))
+
+
+def _exported(what: str, scores: dict) -> None:
+    """Say where an export went, its test-split fitness, and which evaluators could not score the test split."""
+    test = scores.get("test", {})
+    console.print(what + (f" (test split: {test['fitness']})" if test.get("fitness") else ""))
+    for label, why in test.get("unscored", {}).items():
+        console.print(f"[yellow]not scored on the test split[/]: {label}: {why}")
 
 
 @app.command("search")
@@ -493,9 +500,7 @@ def export_cmd(
     run = latest_run(RunDir.open(run_dir))
     with console.status("exporting") as st:
         scores = export_run(run, out_dir, rank=rank, force=force, score=score, progress=st.update)
-    test = scores.get("test", {}).get("fitness")
-    console.print(f"candidate #{scores['candidate']} exported to [bold]{out_dir}[/]"
-                  + (f" (test split: {test})" if test else ""))
+    _exported(f"candidate #{scores['candidate']} exported to [bold]{out_dir}[/]", scores)
 
 
 def _print_genome(space) -> None:

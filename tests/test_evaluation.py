@@ -134,7 +134,12 @@ def test_perplexity_equals_vocab_size_for_a_blank_head(tiny_zoo, live, tmp_path)
 def test_python_evaluator_and_its_failures(live, tmp_path):
     model, tok = live
     plugin = tmp_path / "my_metric.py"
+    (tmp_path / "my_metric_helpers.py").write_text("HALF = 0.5\n")
     plugin.write_text(
+        "import numpy, torch\n"
+        "from my_metric_helpers import HALF\n"  # a module beside the file imports, as in a script
+        "def scalars(model, tokenizer):\n"
+        "    return {'a': numpy.float32(HALF), 'b': numpy.int64(3), 'c': torch.tensor(0.25)}\n"
         "def score(model, tokenizer, scale=1.0):\n"
         "    return {'params': scale * sum(p.numel() for p in model.parameters())}\n"
         "def text(model, tokenizer):\n    return {'x': 'high'}\n"
@@ -144,6 +149,8 @@ def test_python_evaluator_and_its_failures(live, tmp_path):
     )
     ev = build_evaluator({"type": "python", "function": f"{plugin}:score", "kwargs": {"scale": 2.0}})
     assert ev(model, tok) == {"params": 2.0 * sum(p.numel() for p in model.parameters())}
+    assert build_evaluator({"type": "python", "function": f"{plugin}:scalars"})(model, tok) == {"a": 0.5, "b": 3.0,
+                                                                                              "c": 0.25}
     for fn, match in [("text", "metric 'x' is not a number"), ("nan", "metric 'x' is nan"),
                       ("boom", "RuntimeError: kaput"), ("leave", r"called sys.exit\(3\)")]:
         with pytest.raises(EvaluationError, match=match):
@@ -168,6 +175,40 @@ def test_evaluator_configs_are_validated():
         build_evaluator({"type": "lm_eval", "tasks": ["a"], "limit": -1})
     with pytest.raises(EvomergeError, match="num_fewshot must be a whole number >= 0, not -1"):
         build_evaluator({"type": "lm_eval", "tasks": ["a"], "num_fewshot": -1})
+    # the file-based evaluators check their counts too, when the space is read (not at the first candidate)
+    for spec, match in [({"type": "perplexity", "path": "x.jsonl", "batch_size": 0}, "perplexity: batch_size must be a whole number >= 1"),
+                        ({"type": "perplexity", "path": "x.jsonl", "max_length": 1}, "perplexity: max_length must be a whole number >= 2"),
+                        ({"type": "entropy", "path": "x.jsonl", "limit": 0}, "entropy: limit must be a whole number >= 1, not 0"),
+                        ({"type": "accuracy", "path": "x.jsonl", "batch_size": "4"}, "accuracy: batch_size must be a whole number"),
+                        ({"type": "multihead_entropy", "paths": ["a"], "heads_from": ["b"], "limit": -1},
+                         "multihead_entropy: limit must be")]:
+        with pytest.raises(EvomergeError, match=match):
+            build_evaluator(spec)
+    # a string of tasks is read as lm_eval's --tasks reads it
+    assert build_evaluator({"type": "lm_eval", "tasks": "zoo_rev, zoo_sort"}).task_names == ["zoo_rev", "zoo_sort"]
+
+
+def test_texts_with_nothing_to_score_are_refused_at_setup(live, tmp_path):
+    model, tok = live
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "prompt": t}) + "\n" for t in ["", "a", ""]))
+    # one character is one token here: nothing is predicted from a previous token
+    with pytest.raises(EvomergeError, match="no 'text' text has two or more tokens"):
+        build_evaluator({"type": "perplexity", "path": str(data)}).setup(model, tok)
+    with pytest.raises(EvomergeError, match=r"texts\.jsonl: row 1 has an empty 'prompt'"):
+        build_evaluator({"type": "entropy", "path": str(data)}).setup(model, tok)
+    # empty texts among scorable ones are skipped: they have no token to score
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "abc", "", "de"]))
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["abc", "de"]))
+    assert (build_evaluator({"type": "perplexity", "path": str(data), "batch_size": 2})(model, tok)
+            == build_evaluator({"type": "perplexity", "path": str(kept), "batch_size": 2})(model, tok))
+
+
+def test_images_for_a_text_model_are_refused_at_setup(live):
+    model, tok = live
+    with pytest.raises(EvomergeError, match="entropy: unused.npz holds images, but LlamaForCausalLM takes text"):
+        build_evaluator({"type": "entropy", "path": "unused.npz"}).setup(model, tok)
 
 
 def test_accuracy_counts_argmax_matches_and_names_bad_labels(tiny_zoo, tmp_path):
@@ -213,7 +254,8 @@ def test_reports_switch_file_evaluators_to_their_test_path():
     })
     test = objective.for_split("test")
     assert test[0] == {"type": "accuracy", "path": "test.npz", "name": "a"}
-    assert test[1] == {"type": "entropy", "path": "unlabeled.npz", "limit": 8}
-    assert test[2] == {"type": "lm_eval", "tasks": ["t"], "split": "test"}
+    # no test_path: left out, or its validation numbers would be reported as test ones
+    assert test[1] == {"type": "lm_eval", "tasks": ["t"], "split": "test"} and len(test) == 2
+    assert objective.untested() == ["entropy"]
     assert objective.for_split("validation")[0] == {"type": "accuracy", "path": "val.npz", "limit": 8, "name": "a"}
     assert build_evaluator({"type": "accuracy", "path": "val.npz", "test_path": "test.npz"}).path == "val.npz"

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.base import Evaluator, HeadSwap, image_batches, read_jsonl_rows, read_npz, tokenize_batches
+from evomerge.evaluation.base import (
+    Evaluator,
+    HeadSwap,
+    check_counts,
+    check_image_model,
+    image_batches,
+    read_jsonl_rows,
+    read_npz,
+    tokenize_batches,
+)
 from evomerge.evaluation.registry import register
 
 
@@ -27,6 +36,7 @@ class AccuracyEvaluator(Evaluator):
 
     def __init__(self, path: str, input_field: str = "text", label_field: str = "label", limit: int | None = None,
                  batch_size: int = 32, head_from: str | None = None, head_prefix: str = "classifier") -> None:
+        check_counts("accuracy", limit=(limit, 1), batch_size=(batch_size, 1))
         self.path = path
         self.input_field = input_field
         self.label_field = label_field
@@ -45,6 +55,7 @@ class AccuracyEvaluator(Evaluator):
         if self.head is not None:
             self.head.setup(model)
         if str(self.path).endswith(".npz"):
+            check_image_model("accuracy", model, self.path)
             arrays = read_npz(self.path, ("pixel_values", "labels"), self.limit)
             raw = arrays["labels"].tolist()
             # 3.0 is class 3; 3.5 is no class (not truncated to one)

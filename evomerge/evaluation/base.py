@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,29 @@ def check_metrics(source: str, metrics: Any) -> dict[str, float]:
         raise EvaluationError(f"{source}: expected a non-empty dict of metrics, got {type(metrics).__name__}")
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            value = value.item()  # a NumPy scalar or a 0-d tensor
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise EvaluationError(f"{source}: metric {key!r} is not a number ({value!r})")
         if not math.isfinite(value):
             raise EvaluationError(f"{source}: metric {key!r} is {value}")
         out[str(key)] = float(value)
     return out
+
+
+def check_counts(source: str, **settings: tuple[Any, int]) -> None:
+    """Refuse a setting that must be a whole number of at least a bound: ``key=(value, least)``; None passes."""
+    for key, (value, least) in settings.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise EvomergeError(f"{source}: {key} must be a whole number >= {least}, not {value!r}")
+
+
+def check_image_model(source: str, model, path) -> None:
+    """Refuse images (an ``.npz`` file) for a model whose forward takes no ``pixel_values``."""
+    import inspect
+
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise EvomergeError(f"{source}: {path} holds images, but {type(model).__name__} takes text, not pixel_values")
 
 
 def tokenize_batches(tokenizer, texts: list[str], batch_size: int, padding_side: str, **kwargs) -> list:

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.base import Evaluator, HeadSwap, image_batches, read_jsonl, read_npz, tokenize_batches
+from evomerge.evaluation.base import (
+    Evaluator,
+    HeadSwap,
+    check_counts,
+    check_image_model,
+    image_batches,
+    read_jsonl,
+    read_npz,
+    tokenize_batches,
+)
 from evomerge.evaluation.registry import register
 
 
@@ -34,6 +43,7 @@ class EntropyEvaluator(Evaluator):
 
     def __init__(self, path: str, field: str = "prompt", limit: int | None = None, batch_size: int = 64,
                  head_from: str | None = None, head_prefix: str = "classifier") -> None:
+        check_counts("entropy", limit=(limit, 1), batch_size=(batch_size, 1))
         self.path = path
         self.field = field
         self.limit = limit
@@ -45,10 +55,14 @@ class EntropyEvaluator(Evaluator):
         if self.head is not None:
             self.head.setup(model)
         if str(self.path).endswith(".npz"):
+            check_image_model("entropy", model, self.path)
             self._batches = image_batches(read_npz(self.path, ("pixel_values",), self.limit)["pixel_values"],
                                           self.batch_size)
         else:
             prompts = read_jsonl(self.path, self.field, self.limit)
+            empty = next((i for i, p in enumerate(prompts) if not p), None)
+            if empty is not None:  # nothing to predict after: the score would be the padding's
+                raise EvomergeError(f"entropy: {self.path}: row {empty + 1} has an empty {self.field!r}")
             # left padding: the last position is every prompt's last token
             self._batches = tokenize_batches(tokenizer, prompts, self.batch_size, "left")
 
@@ -89,6 +103,7 @@ class MultiHeadEntropyEvaluator(Evaluator):
                  limit: int | None = None) -> None:
         if not paths or len(paths) != len(heads_from):
             raise EvomergeError("multihead_entropy: give one heads_from model per path (and at least one)")
+        check_counts("multihead_entropy", limit=(limit, 1))
         self.paths = list(paths)
         self.heads = [HeadSwap(d, head_prefix) for d in heads_from]
         self.head_prefix = head_prefix

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.base import Evaluator, check_counts
 from evomerge.evaluation.registry import register
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,16 @@ class LMEvalEvaluator(Evaluator):
 
     name = "lm_eval"
 
-    def __init__(self, tasks: list[str], include_path: str | None = None, split: str = "validation",
+    def __init__(self, tasks: list[str] | str, include_path: str | None = None, split: str = "validation",
                  limit: int | None = None, batch_size: int = 32, num_fewshot: int | None = None,
                  metric: str | None = None) -> None:
         if split not in SPLITS:
             raise EvomergeError(f"lm_eval: split must be one of {', '.join(SPLITS)}, not {split!r}")
+        if isinstance(tasks, str):  # "a,b" as lm_eval's --tasks takes it
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
         if not tasks:
             raise EvomergeError("lm_eval: no tasks given")
-        for key, value, least in (("limit", limit, 1), ("batch_size", batch_size, 1), ("num_fewshot", num_fewshot, 0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise EvomergeError(f"lm_eval: {key} must be a whole number >= {least}, not {value!r}")
+        check_counts("lm_eval", limit=(limit, 1), batch_size=(batch_size, 1), num_fewshot=(num_fewshot, 0))
         self.task_names = list(tasks)
         self.include_path = include_path
         self.split = split
@@ -82,6 +82,10 @@ class LMEvalEvaluator(Evaluator):
             self._prepared = PreparedTasks(loaded["tasks"], self.limit)
         except Exception as exc:  # documents or templates lm-eval cannot turn into requests
             raise EvomergeError(f"lm_eval: cannot build the requests of {self.task_names}: {exc}") from exc
+        for name, task in loaded["tasks"].items():
+            if self.metric is not None and self.metric not in task.aggregation():
+                raise EvomergeError(f"lm_eval: metric {self.metric!r} is not one of task {name!r}'s "
+                                    f"({', '.join(task.aggregation())})")
         self._lm = wrap_model(model, tokenizer, self.batch_size)
 
     def _select_split(self, name: str, task) -> None:

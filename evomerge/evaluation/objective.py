@@ -150,24 +150,36 @@ class Objective(BaseModel):
 
         lm_eval evaluators change their ``split``; file-based ones (accuracy,
         perplexity, ...) read their ``test_path`` instead of ``path`` for
-        ``test`` when the config names one. Reports use ``test``, and score all
-        of it: ``limit`` is a per-candidate cost knob of the search, not a
-        property of the reported number.
+        ``test``. An evaluator with no test split (a file without
+        ``test_path``, a python function) is left out of ``test`` (see
+        ``untested``): scored again it would report validation numbers as test
+        ones. Reports use ``test``, and score all of it: ``limit`` is a
+        per-candidate cost knob of the search, not a property of the reported
+        number.
         """
-        def switched(spec: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for spec in self.evaluators:
             spec = dict(spec)
             test_path = spec.pop(TEST_PATH, None)
             if spec["type"] == "lm_eval":
                 spec["split"] = split
-            elif split == "test" and test_path is not None:
+            elif split == "test":
+                if test_path is None:
+                    continue
                 spec["path"] = test_path
-            else:
-                return spec
             if split == "test":
                 spec.pop("limit", None)
-            return spec
+            out.append(spec)
+        return out
 
-        return [switched(spec) for spec in self.evaluators]
+    def untested(self) -> list[str]:
+        """The evaluators (``name`` or type) that ``for_split("test")`` leaves out: they have no test split."""
+        return [evaluator_label(spec) for spec in self.evaluators if spec["type"] != "lm_eval" and TEST_PATH not in spec]
+
+
+def evaluator_label(spec: dict[str, Any]) -> str:
+    """How messages name an evaluator config: its ``name``, else its type."""
+    return str(spec.get("name") or spec["type"])
 
 
 class Surrogate(Fitness):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from evomerge.evaluation.base import Evaluator, read_jsonl, tokenize_batches
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.base import Evaluator, check_counts, read_jsonl, tokenize_batches
 from evomerge.evaluation.registry import register
 
 
@@ -17,6 +18,8 @@ class PerplexityEvaluator(Evaluator):
 
     def __init__(self, path: str, field: str = "text", limit: int | None = None, batch_size: int = 32,
                  max_length: int = 1024) -> None:
+        # a token is scored from the ones before it: a text needs two
+        check_counts("perplexity", limit=(limit, 1), batch_size=(batch_size, 1), max_length=(max_length, 2))
         self.path = path
         self.field = field
         self.limit = limit
@@ -25,9 +28,13 @@ class PerplexityEvaluator(Evaluator):
         self._batches = None
 
     def setup(self, model, tokenizer) -> None:
-        texts = read_jsonl(self.path, self.field, self.limit)
+        # empty texts score nothing; a batch of only empty ones would have no positions at all
+        texts = [t for t in read_jsonl(self.path, self.field, self.limit) if t]
         self._batches = tokenize_batches(tokenizer, texts, self.batch_size, "right", truncation=True,
                                          max_length=self.max_length)
+        if not sum(int(b["attention_mask"][:, 1:].sum()) for b in self._batches):
+            raise EvomergeError(f"perplexity: {self.path}: no {self.field!r} text has two or more tokens; "
+                                "nothing to score")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         import torch
@@ -46,4 +53,4 @@ class PerplexityEvaluator(Evaluator):
                 losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
                 nll += float(losses[keep].sum())
                 tokens += int(keep.sum())
-        return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1)}
+        return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
@@ -21,6 +22,10 @@ def load_function(ref: str):
             path = Path(module_ref)
             if not path.exists():
                 raise EvomergeError(f"python evaluator: {path} not found")
+            # modules beside the file import as they would were it run as a script
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)

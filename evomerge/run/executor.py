@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from evomerge.errors import EvomergeError
 from evomerge.run.worker import EvalWorker
 
 log = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in Ray's messages
 
 
 @dataclass
@@ -221,5 +223,13 @@ class RayExecutor(Executor):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """What went wrong in one line: for a remote task, its own exception (Ray's first line names only the task)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, EvomergeError):
+        text = str(cause)
+    elif isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = str(exc)
+    text = _ANSI.sub("", text).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -39,11 +39,16 @@ def choose(run: RunDir, rank: int = 1) -> Evaluation:
     return best[rank - 1]
 
 
-def score_dir(path: Path, evaluators: list[dict]) -> dict[str, float]:
-    """Metrics of the HF model at ``path`` under ``evaluators`` plus the built-in ones (loaded as transformers would)."""
+def score_dir(path: Path, evaluators: list[dict], failures: dict[str, str] | None = None) -> dict[str, float]:
+    """Metrics of the HF model at ``path`` under ``evaluators`` plus the built-in ones (loaded as transformers would).
+
+    With ``failures``, an evaluator that cannot score the model (say, an
+    lm-eval task without a test split) is recorded there (label -> why) and
+    the others still run; without, its error is raised.
+    """
     import torch
 
-    from evomerge.evaluation.objective import builtin_metrics
+    from evomerge.evaluation.objective import builtin_metrics, evaluator_label
     from evomerge.evaluation.registry import build_evaluator
     from evomerge.io.live import load_model, load_tokenizer
 
@@ -52,9 +57,14 @@ def score_dir(path: Path, evaluators: list[dict]) -> dict[str, float]:
     tokenizer = load_tokenizer(path)
     metrics = builtin_metrics(model)
     for spec in evaluators:
-        evaluator = build_evaluator(spec)
-        evaluator.setup(model, tokenizer)
-        metrics.update(evaluator(model, tokenizer))
+        try:
+            evaluator = build_evaluator(spec)
+            evaluator.setup(model, tokenizer)
+            metrics.update(evaluator(model, tokenizer))
+        except EvomergeError as exc:
+            if failures is None:
+                raise
+            failures[evaluator_label(spec)] = str(exc)
     return metrics
 
 
@@ -76,8 +86,11 @@ def export_run(run: RunDir, out: Path, *, rank: int = 1, force: bool = False, sc
         (tmp / RECIPE_YAML).write_text(recipe.to_yaml())
         if score:
             say(f"scoring candidate #{chosen.id} on the test split")
-            metrics = score_dir(tmp, space.objective.for_split("test"))
+            unscored = {label: "no test split (it names no test_path)" for label in space.objective.untested()}
+            metrics = score_dir(tmp, space.objective.for_split("test"), unscored)
             scores["test"] = {"metrics": metrics}
+            if unscored:
+                scores["test"]["unscored"] = unscored
             try:
                 scores["test"]["fitness"] = dict(zip(space.objective.names, space.objective.values(metrics)))
             except KeyError:
@@ -113,4 +126,7 @@ def _scores_section(run: RunDir, chosen: Evaluation, scores: dict) -> str:
         val = chosen.metrics.get(name)
         lines.append(f"| {name} | {'' if val is None else f'{val:.4f}'} | "
                      f"{'' if name not in test else f'{test[name]:.4f}'} |")
+    unscored = scores.get("test", {}).get("unscored", {})
+    if unscored:
+        lines += ["", "Not scored on the test split:", ""] + [f"- {label}: {why}" for label, why in unscored.items()]
     return "\n".join(lines) + "\n"

@@ -37,6 +37,9 @@ class EvalWorker:
             self._start(*self._args)
         except EvomergeError as exc:
             return {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 -- e.g. a model directory transformers cannot build
+            log.debug("worker %d failed to start:\n%s", self.worker_id, traceback.format_exc())
+            return {"error": f"a worker failed to start: {type(exc).__name__}: {exc}"}
         return self.info()
 
     def _start(self, space: dict[str, Any], device: str | None, threads: int | None) -> None:
