@@ -203,6 +203,29 @@ def test_cli_export_loads_in_the_lm_eval_cli(tiny_zoo, tmp_path, reference_run):
     assert "| zoo_copy/exact_match |" in (out / "README.md").read_text()
 
 
+def test_export_scores_only_what_has_a_test_split(tiny_zoo, tmp_path, reference_run):
+    """A file evaluator without test_path is not re-scored as "test"; a task without a test split is
+    listed as unscored; neither stops the export."""
+    from evomerge.run.export import export_run
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(reference_run[0].path, run.path, ignore=shutil.ignore_patterns("best", "report"))
+    space = run.space()
+    evaluators = [*space.objective.evaluators,
+                  {"type": "lm_eval", "name": "val_only", "include_path": str(tiny_zoo.tasks_dir),
+                   "tasks": ["zoo_rev_val"]},
+                  {"type": "entropy", "path": str(tiny_zoo.tasks_dir / "unlabeled.jsonl"), "limit": 4}]
+    run.save_space(space.model_copy(update={"objective": space.objective.model_copy(update={"evaluators": evaluators})}))
+    scores = export_run(run, tmp_path / "out")
+    test = scores["test"]
+    assert set(test["unscored"]) == {"val_only", "entropy"}
+    assert "no test split" in test["unscored"]["val_only"] and "test_path" in test["unscored"]["entropy"]
+    assert "entropy" not in test["metrics"] and "zoo_copy/exact_match" in test["metrics"]
+    assert test["fitness"]  # the objective's own metrics were all scored
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Not scored on the test split:" in card and "- val_only: " in card
+
+
 def test_cli_refuses_an_existing_run_and_resume_needs_one(tiny_zoo, tmp_path, reference_run):
     space = tiny_space(tiny_zoo, tmp_path)
     result = _run_cli("search", space, "--run-dir", reference_run[0].path)
