@@ -87,3 +87,33 @@ def test_bad_surrogate_settings_are_named(tiny_zoo, tmp_path):
     space = SearchSpace.from_file(screened_space(tiny_zoo, tmp_path, evaluators=[{"type": "entropy"}])).resolved()
     with pytest.raises(EvomergeError, match="evaluator entropy: missing setting 'path'"):
         space.check()
+
+
+def test_candidates_failing_their_probe_spend_no_budget(tiny_zoo, tmp_path):
+    from evomerge.errors import EvomergeError
+
+    plugin = tmp_path / "probe.py"
+    plugin.write_text("calls = [0]\n"
+                      "def flaky(model, tokenizer):\n"
+                      "    calls[0] += 1\n"
+                      "    if calls[0] % 2 == 0:\n"
+                      "        raise RuntimeError(f'probe {calls[0]}')\n"
+                      "    return {'s': float(calls[0])}\n"
+                      "def broken(model, tokenizer):\n"
+                      "    calls[0] += 1\n"
+                      "    raise RuntimeError(f'probe {calls[0]}')\n")
+
+    def space(fn: str, name: str):
+        path = screened_space(tiny_zoo, tmp_path, budget=3, batch=2, metrics=["s"],
+                              evaluators=[{"type": "python", "function": f"{plugin}:{fn}"}])
+        return RunDir.create(tmp_path / name, SearchSpace.from_file(path).resolved())
+
+    run = space("flaky", "flaky")
+    progress = Runner(run, local).run()
+    journal = run.journal()
+    failed = [e for e in journal if not e.ok]
+    assert failed and all(e.screened and e.error.startswith("surrogate: python: RuntimeError: probe") for e in failed)
+    assert sum(not e.screened for e in journal) == 3 == progress.done  # exactly the budget, never more
+    # a surrogate that never scores (each message differs, so no fail-fast): stopped once a budget's worth failed
+    with pytest.raises(EvomergeError, match="the last 4 candidates all failed before their full evaluation"):
+        Runner(space("broken", "broken"), local).run()

@@ -102,6 +102,8 @@ class Runner:
         self.done: dict[int, Evaluation] = {}
         self.queue: list[Candidate] = []
         self.progress = RunProgress(total=self.space.budget)
+        #: candidates since the last scored surrogate probe, all failed before their full evaluation
+        self._fruitless = 0
 
     def _build_optimizer(self):
         from evomerge.optimize import build_optimizer
@@ -197,8 +199,13 @@ class Runner:
             self.progress.best = e
 
     def _record(self, candidate: Candidate, result: dict, *, attempts: int | None = None,
-                surrogate: float | None = None, estimate: list[float] | None = None) -> Evaluation:
-        """Journal and tell one result; ``estimate`` marks a screened candidate and is what it is told."""
+                surrogate: float | None = None, estimate: list[float] | None = None,
+                screened: bool = False) -> Evaluation:
+        """Journal and tell one result; ``estimate`` marks a screened candidate and is what it is told.
+
+        ``screened``: the candidate never reached its full evaluation (its surrogate probe failed), so it
+        does not count against the budget either.
+        """
         status, metrics, error = result["status"], result.get("metrics", {}), result.get("error")
         fitness = estimate
         if status == "ok" and estimate is None:
@@ -213,7 +220,7 @@ class Runner:
             id=candidate.id, genes=candidate.genes, x=[float(v) for v in candidate.x], recipe=candidate.recipe,
             metrics=metrics, fitness=fitness, status=status, error=error, worker=result.get("worker"),
             seconds=round(seconds, 4), attempts=candidate.attempts + 1 if attempts is None else attempts,
-            surrogate=surrogate, screened=estimate is not None,
+            surrogate=surrogate, screened=screened or estimate is not None,
             started=result.get("started", finished - seconds), finished=finished, session=self.session,
         )
         self.run_dir.append(evaluation)
@@ -344,7 +351,7 @@ class Runner:
         by_id = {c.id: c for c in asked}
         for candidate in asked:
             if candidate.decode_error is not None:
-                self._record(candidate, {"status": "failed", "error": candidate.decode_error})
+                self._record(candidate, {"status": "failed", "error": candidate.decode_error}, screened=True)
         to_probe = [dataclasses.replace(c, mode="surrogate") for c in asked if c.decode_error is None]
         for candidate, result in self._map(executor, to_probe):
             probes[candidate.id] = result
@@ -352,12 +359,18 @@ class Runner:
                 if result["status"] != "ok":
                     raise KeyError(result.get("error"))
                 scores[candidate.id] = surrogate.value(result["metrics"])
-            except KeyError as exc:  # a candidate the surrogate cannot score is a failed candidate
-                self._record(by_id[candidate.id], {**result, "status": "failed", "error": f"surrogate: {exc.args[0]}"})
+            except KeyError as exc:  # a candidate the surrogate cannot score fails before its full evaluation
+                self._record(by_id[candidate.id], {**result, "status": "failed", "error": f"surrogate: {exc.args[0]}"},
+                             screened=True)
+        # such failures spend no budget: a batch without one probe scored makes no progress, and
+        # batches like that, one after another, must not go on forever
+        self._fruitless = 0 if scores else self._fruitless + len(asked)
+        if self._fruitless >= self.space.budget:
+            raise EvomergeError(f"the last {self._fruitless} candidates all failed before their full evaluation "
+                                f"(as many as the budget); the last with: {self.done[asked[-1].id].error}")
         if not scores:
             return
-        left = remaining - sum(1 for c in asked if c.id not in scores)
-        kept, screened = split_batch(scores, surrogate.keep, surrogate.direction, max(1, left))
+        kept, screened = split_batch(scores, surrogate.keep, surrogate.direction, remaining)
         batch_fitness = []
         for candidate, result in self._map(executor, [by_id[cid] for cid in kept]):
             evaluation = self._record(candidate, result, surrogate=scores[candidate.id])
