@@ -4,11 +4,13 @@ The same object is read by `evomerge merge`, produced by a genome, stored in the
 run journal, materialized in place during search and exported to disk. A
 mergekit config loads unchanged; ``to_yaml`` writes one mergekit reads back.
 
-Parameter values follow mergekit: a scalar; a *gradient* list of numbers
-interpolated over the layers of an output slice; or a list of
-``{filter, value}`` entries where ``filter`` is a substring of the tensor name,
-the first match wins and an entry without filter is the fallback. Lookup order
-is source (or ``models[].parameters``) > slice > global.
+Parameter values follow mergekit: a scalar; a *gradient* list interpolated
+over the layers of an output slice (numbers, numeric strings such as ``1e-1``
+included; a list of other values, such as flags, steps from one to the next);
+or ``{filter, value}`` entries, one or a list, where ``filter`` is a substring
+of the tensor name (``*`` matches every tensor), the first match wins and an
+entry without filter is the fallback. Lookup order is source (or
+``models[].parameters``) > slice > global; an empty ``parameters:`` is none.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 NO_MATCH = object()
 
 
-def _check_value(value: Any, where: str = "") -> Any:
-    """Validate one parameter value: scalar, gradient list, or filter list."""
+def _check_value(value: Any) -> Any:
+    """Validate one parameter value: scalar, gradient list, or filter entries (one is made a list of one)."""
     if isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, dict):
+        value = [value]
     if isinstance(value, list) and value:
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if all(isinstance(v, (bool, int, float, str)) for v in value):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ValueError(f"gradient values must be finite numbers, got {value!r}")
             return value
         if all(isinstance(v, dict) for v in value):
             for entry in value:
@@ -38,13 +44,22 @@ def _check_value(value: Any, where: str = "") -> Any:
                 if extra or "value" not in entry:
                     raise ValueError(f"filter entries need keys 'filter' (optional) and 'value', got {sorted(entry)}")
                 if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-                    raise ValueError("'filter' must be a string (a substring of tensor names)")
+                    raise ValueError("'filter' must be a string (a substring of tensor names, or '*' for all)")
                 _check_value(entry["value"])
             return value
     raise ValueError(
-        "a parameter value must be a number, bool, string, a list of numbers (gradient) "
-        f"or a list of {{filter, value}} entries; got {value!r}"
+        "a parameter value must be a number, bool, string, a list of those (gradient) "
+        f"or {{filter, value}} entries; got {value!r}"
     )
+
+
+def _check_params(cls, v: Any) -> Params:
+    """A ``parameters`` mapping with each value checked; empty (``parameters:`` with nothing) is none."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"parameters must be a mapping of parameter names to values, got {v!r}")
+    return {k: _check_value(x) for k, x in v.items()}
 
 
 Params = dict[str, Any]
@@ -60,10 +75,7 @@ class InputModel(_Strict):
     model: str
     parameters: Params = Field(default_factory=dict)
 
-    @field_validator("parameters")
-    @classmethod
-    def _values(cls, v: Params) -> Params:
-        return {k: _check_value(x) for k, x in v.items()}
+    _values = field_validator("parameters", mode="before")(_check_params)
 
 
 class SliceSource(InputModel):
@@ -85,10 +97,7 @@ class OutputSlice(_Strict):
     sources: list[SliceSource]
     parameters: Params = Field(default_factory=dict)
 
-    @field_validator("parameters")
-    @classmethod
-    def _values(cls, v: Params) -> Params:
-        return {k: _check_value(x) for k, x in v.items()}
+    _values = field_validator("parameters", mode="before")(_check_params)
 
     @model_validator(mode="after")
     def _equal_lengths(self) -> OutputSlice:
@@ -120,10 +129,7 @@ class Recipe(_Strict):
     #: evomerge extension: seed for DARE/DELLA (mergekit takes --random-seed on the command line).
     random_seed: int | None = None
 
-    @field_validator("parameters")
-    @classmethod
-    def _values(cls, v: Params) -> Params:
-        return {k: _check_value(x) for k, x in v.items()}
+    _values = field_validator("parameters", mode="before")(_check_params)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -178,8 +184,9 @@ class Recipe(_Strict):
     def with_models(self, paths: dict[str, str]) -> Recipe:
         """A copy with the model references in ``paths`` replaced (e.g. relative paths by absolute ones)."""
         data = self.to_dict()
-        if data.get("base_model") in paths:
-            data["base_model"] = paths[data["base_model"]]
+        for key in ("base_model", "tokenizer_source"):
+            if data.get(key) in paths:
+                data[key] = paths[data[key]]
         for group in data.get("models", []) + [s for sl in data.get("slices", []) for s in sl["sources"]]:
             group["model"] = paths.get(group["model"], group["model"])
         return type(self).model_validate(data)
@@ -228,11 +235,26 @@ def evaluate(value: Any, tensor_name: str, t: float) -> Any:
         if value and isinstance(value[0], dict):
             for entry in value:
                 flt = entry.get("filter")
-                if flt is None or flt in tensor_name:
+                if flt is None or flt == "*" or flt in tensor_name:
                     return evaluate(entry["value"], tensor_name, t)
             return NO_MATCH
-        return interpolate(value, t)
+        numbers = [_number(v) for v in value]
+        if None not in numbers:
+            return interpolate(numbers, t)
+        return value[int(t * (len(value) - 1))]  # flags and labels step, as mergekit selects them
     return value
+
+
+def _number(value: Any) -> float | None:
+    """A gradient anchor as a number (YAML reads ``1e-1`` as a string), or None for a flag or a label."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def lookup(name: str, tensor_name: str, t: float, *levels: Params) -> Any:

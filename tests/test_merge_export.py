@@ -281,7 +281,7 @@ def test_pickle_checkpoints_need_opt_in(zoo, tmp_path):
     [
         ({"merge_method": "tiez"}, "unknown merge_method 'tiez'"),
         ({"parameters": {"densty": 0.5}}, "ties has no parameter 'densty'; valid: density"),
-        ({"parameters": {"density": 1.5}}, "density 1.5 .* outside \\(0, 1\\]"),
+        ({"parameters": {"density": 1.5}}, "density 1.5 .* outside \\[0, 1\\]"),
         ({"base_model": None}, "ties needs a base_model"),
         ({"merge_method": "dare_ties", "parameters": {"rescale_method": "l2"}}, "rescale_method 'l2'; choose one of l1, inverse_density"),
         ({"merge_method": "della", "parameters": {"density": 0.5, "epsilon": 0.6}},
@@ -384,6 +384,15 @@ def test_tokenizer_source_must_hold_a_tokenizer(zoo, tmp_path):
     with pytest.raises(EvomergeError, match=f"union: {bare} has no tokenizer.json"):
         merge_to_dir(recipe(union), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # a tokenizer source of its own, named relative to the recipe: saved absolute, so the recipe written
+    # with the model rebuilds it from anywhere; and never replaced by the output
+    own = _copy_model(zoo["sort"], tmp_path / "recipes" / "tok")
+    merge_to_dir(recipe({**data, "tokenizer_source": "tok"}), tmp_path / "rel", recipe_dir=tmp_path / "recipes")
+    saved = Recipe.from_file(tmp_path / "rel" / "mergekit_config.yml")
+    assert saved.tokenizer_source == str(own.resolve())
+    with pytest.raises(EvomergeError, match="an input of this command"):
+        merge_to_dir(recipe({**data, "tokenizer_source": str(own)}), own, force=True)
+    assert ModelDir(own).names
 
 
 def test_a_write_killed_midway_leaves_nothing_for_long(zoo, tmp_path):

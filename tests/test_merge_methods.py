@@ -6,7 +6,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.methods.registry import all_methods, apply_method
-from evomerge.methods.sparsify import della_magprune, magnitude, magnitude_outliers, random_drop
+from evomerge.methods.sparsify import della_magprune, keep_count, magnitude, magnitude_outliers, random_drop
 
 
 def rand(*shape, seed=0):
@@ -86,6 +86,10 @@ def test_magnitude_keeps_exactly_k():
     kept = magnitude(delta.clone(), 0.5)  # sparsifiers work in place on a delta they own
     assert int((kept != 0).sum()) == 3 and kept[4] == -3.0
     assert torch.equal(magnitude(delta, 1.0), delta)
+    # as mergekit 0.1.5 counts: a positive density keeps at least one entry, density 0 none
+    assert int((magnitude(delta.clone(), 0.1) != 0).sum()) == 1 and magnitude(delta.clone(), 0.1)[4] == -3.0
+    assert not magnitude(delta.clone(), 0.0).any()
+    assert [keep_count(d, 6) for d in (0.0, 0.1, 0.5, 1.0, 1.5)] == [0, 1, 3, 6, 6]
 
 
 def test_dare_expectation_equals_input_with_inverse_density():

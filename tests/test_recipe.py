@@ -74,6 +74,27 @@ def test_filters_first_match_wins_and_fall_through():
     assert lookup("w", "x", 0.0, {}, {}) is NO_MATCH
 
 
+def test_mergekit_parameter_forms():
+    """What mergekit 0.1.5 reads: '*' filters, a lone {filter, value}, empty parameters, gradients of
+    numeric strings (interpolated) and of flags (stepped)."""
+    r = Recipe.from_yaml("merge_method: linear\nparameters:\nmodels:\n  - model: a\n    parameters:\n"
+                         "  - model: b\n    parameters:\n      weight: {filter: mlp, value: 0.9}\n"
+                         "      scale: [{filter: '*', value: 0.2}, {value: 0.1}]\n"
+                         "      lam: ['1e-1', 0.9]\n      normalize: [true, false]\n")
+    assert r.parameters == {} and r.models[0].parameters == {}
+    b = r.models[1].parameters
+    assert b["weight"] == [{"filter": "mlp", "value": 0.9}]
+    assert evaluate(b["weight"], "model.layers.0.mlp.up_proj.weight", 0.0) == 0.9
+    assert evaluate(b["weight"], "model.norm.weight", 0.0) is NO_MATCH
+    assert evaluate(b["scale"], "lm_head.weight", 0.0) == 0.2  # '*' matches every tensor
+    assert evaluate(b["lam"], "x", 0.5) == pytest.approx(0.5)
+    # flags step: values[int(t * (n - 1))]
+    assert [evaluate(b["normalize"], "x", t) for t in (0.0, 0.99, 1.0)] == [True, True, False]
+    assert Recipe.from_yaml(r.to_yaml()) == r
+    with pytest.raises(EvomergeError, match="gradient values must be finite"):
+        Recipe.from_yaml("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [1, .inf]}\n")
+
+
 @pytest.mark.parametrize(
     "text,match",
     [

@@ -45,8 +45,8 @@ def per_entry(values: Sequence[float], sizes: Sequence[int], device) -> float | 
 
 
 def keep_counts(density: Sequence[float], sizes: Sequence[int]) -> list[int]:
-    """Entries TIES keeps per tensor at these densities (as ``sparsify.magnitude`` counts them)."""
-    return [int(d * n) if d < 1 else n for d, n in zip(density, sizes)]
+    """Entries TIES keeps per tensor at these densities (``sparsify.keep_count``)."""
+    return [sparsify.keep_count(d, n) for d, n in zip(density, sizes)]
 
 
 def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:

@@ -19,7 +19,7 @@ from evomerge.device import check_device
 from evomerge.errors import EvomergeError
 from evomerge.fsutil import atomic_dir, check_replaceable
 from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
-from evomerge.materialize.plan import MergePlan, TensorJob, open_models, plan_merge
+from evomerge.materialize.plan import MergePlan, TensorJob, model_path, open_models, plan_merge
 from evomerge.recipe import Recipe
 from evomerge.zoo.registry import ZOO_PREFIX
 
@@ -74,7 +74,7 @@ def model_card(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def tokenizer_dir(plan: MergePlan) -> Path:
+def tokenizer_dir(plan: MergePlan, base_dir: Path | None = None) -> Path:
     """The directory whose tokenizer files the merged model gets (``tokenizer_source``), checked before merging.
 
     A source named explicitly must hold a tokenizer: a model written without
@@ -91,7 +91,7 @@ def tokenizer_dir(plan: MergePlan) -> Path:
         if len({f.read_bytes() for f in files.values()}) > 1:
             raise EvomergeError("tokenizer_source: union of different tokenizers is not supported; name one model")
         return plan.models[plan.reference].path
-    source = plan.models[src].path if src in plan.models else Path(src)
+    source = plan.models[src].path if src in plan.models else model_path(src, base_dir)
     if not source.is_dir():
         raise EvomergeError(f"tokenizer_source {src!r}: not 'base', 'union' or a model directory")
     if not any((source / name).exists() for name in VOCABULARY_FILES):
@@ -140,9 +140,12 @@ def merge_to_dir(
     # references stay: they name the same model on any machine)
     saved = recipe.with_models({name: str(d.path.resolve()) for name, d in models.items()
                                 if not name.startswith(ZOO_PREFIX)})
-    tokenizer = tokenizer_dir(plan)
+    tokenizer = tokenizer_dir(plan, recipe_dir)
+    if recipe.tokenizer_source not in (None, "base", "union", *models):
+        # a directory of its own: as found, like the models, so the saved recipe works from anywhere
+        saved = saved.model_copy(update={"tokenizer_source": str(tokenizer.resolve())})
     if out_dir.exists():
-        check_replaceable(out_dir, [*inputs, *(m.path for m in models.values())])
+        check_replaceable(out_dir, [*inputs, *(m.path for m in models.values()), tokenizer])
     seed = seed if seed is not None else (recipe.random_seed or 0)
     slots = [TensorSlot(j.out_name, j.shape, j.dtype) for j in plan.jobs]
     max_bytes = parse_size(max_shard_size)

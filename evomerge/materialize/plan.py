@@ -51,15 +51,19 @@ class MergePlan:
 def open_models(recipe: Recipe, *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict[str, ModelDir]:
     """Open every model the recipe names (relative paths resolve against ``base_dir``; ``zoo:`` references
     name members of the embedded zoo, as in search spaces)."""
-    out = {}
-    for name in recipe.referenced_models():
-        path = Path(name).expanduser()
-        if name.startswith(ZOO_PREFIX):  # a member of the embedded zoo, built on first use
-            path = resolve_zoo_ref(name)
-        elif not path.is_absolute() and base_dir is not None and not path.exists():
-            path = base_dir / path
-        out[name] = ModelDir(path, allow_pickle=allow_pickle)
-    return out
+    return {name: ModelDir(model_path(name, base_dir), allow_pickle=allow_pickle)
+            for name in recipe.referenced_models()}
+
+
+def model_path(name: str, base_dir: Path | None = None) -> Path:
+    """Where a recipe's model reference points: a ``zoo:`` member (built on first use), a path as given,
+    or, when that does not exist, relative to ``base_dir`` (the recipe's directory)."""
+    path = Path(name).expanduser()
+    if name.startswith(ZOO_PREFIX):
+        return resolve_zoo_ref(name)
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        return base_dir / path
+    return path
 
 
 def _slices(recipe: Recipe, models: dict[str, ModelDir], method: MergeMethod) -> list[OutputSlice]:
@@ -185,8 +189,8 @@ def _job(recipe: Recipe, method: MergeMethod, models: dict[str, ModelDir], out_n
                     raise EvomergeError(f"{where}: {label}: parameter {key!r} is required for model {s.model}")
                 value = default
             resolved[key] = _typed(key, value, default, f"{where}: {label}: model {s.model} at {name}")
-        if "density" in resolved and not 0 < float(resolved["density"]) <= 1:
-            raise EvomergeError(f"{where}: {label}: density {resolved['density']} for {s.model} at {name} is outside (0, 1]")
+        if "density" in resolved and not 0 <= float(resolved["density"]) <= 1:
+            raise EvomergeError(f"{where}: {label}: density {resolved['density']} for {s.model} at {name} is outside [0, 1]")
         density, epsilon, gamma = (resolved.get(k) for k in ("density", "epsilon", "gamma"))
         if epsilon is not None and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
             raise EvomergeError(f"{where}: {label}: della needs 0 < density - epsilon and density + epsilon < 1; "

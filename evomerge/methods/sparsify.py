@@ -93,8 +93,11 @@ class RankCut:
 
 
 def rescale_(delta: torch.Tensor, before: float, rescale: bool, how: str, density: float) -> torch.Tensor:
-    """Restore the mass a sparsifier removed: L1 norm back to ``before``, or divide by the density."""
-    if rescale:
+    """Restore the mass a sparsifier removed: L1 norm back to ``before``, or divide by the density.
+
+    Nothing to restore at density 0: all was dropped.
+    """
+    if rescale and density > 0:
         if how == "inverse_density":
             delta.div_(density)
         else:
@@ -119,14 +122,19 @@ def _keep_ranks_(delta: torch.Tensor, k_upper: int, k_lower: int, rescale: bool,
     return rescale_(delta, before, rescale, how, density)
 
 
-def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, how: str = "l1") -> torch.Tensor:
-    """TIES trim: keep exactly the top ``int(density * numel)`` entries by magnitude.
+def keep_count(density: float, n: int) -> int:
+    """Entries a TIES trim at ``density`` keeps of ``n``: ``int(density * n)``, but at least one where the
+    density is positive (as mergekit counts them since 0.1.5), none at 0, all from 1 up."""
+    if density >= 1:
+        return n
+    return max(1, int(density * n)) if density > 0 else 0
 
-    mergekit asserts when that count is 0; here the delta is then dropped whole.
-    """
+
+def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, how: str = "l1") -> torch.Tensor:
+    """TIES trim: keep exactly the top ``keep_count(density, numel)`` entries by magnitude."""
     if density >= 1:
         return delta
-    return _keep_ranks_(delta, int(density * delta.numel()), 0, rescale, how, density)
+    return _keep_ranks_(delta, keep_count(density, delta.numel()), 0, rescale, how, density)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, *,
