@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from evomerge.device import check_device
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, prefixed
 from evomerge.fsutil import atomic_dir, check_replaceable
 from evomerge.io.writer import StreamingShardWriter, TensorSlot, parse_size
 from evomerge.materialize.plan import MergePlan, TensorJob, model_path, open_models, plan_merge
@@ -135,12 +135,14 @@ def merge_to_dir(
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
     check_device(device)
     models = open_models(recipe, allow_pickle=allow_pickle, base_dir=recipe_dir)
-    plan = plan_merge(recipe, models, where=str(inputs[0]) if inputs else "recipe")
+    where = str(inputs[0]) if inputs else None
+    plan = plan_merge(recipe, models, where=where or "recipe")
     # the recipe written with the model is reproducible from any directory: its models as found (zoo
     # references stay: they name the same model on any machine)
     saved = recipe.with_models({name: str(d.path.resolve()) for name, d in models.items()
                                 if not name.startswith(ZOO_PREFIX)})
-    tokenizer = tokenizer_dir(plan, recipe_dir)
+    with prefixed(where):
+        tokenizer = tokenizer_dir(plan, recipe_dir)
     if recipe.tokenizer_source not in (None, "base", "union", *models):
         # a directory of its own: as found, like the models, so the saved recipe works from anywhere
         saved = saved.model_copy(update={"tokenizer_source": str(tokenizer.resolve())})
@@ -156,8 +158,9 @@ def merge_to_dir(
         # Parallelism comes from the job pool; one intra-op thread per job avoids oversubscription.
         torch.set_num_threads(1)
         try:
-            run_jobs(plan, lambda job, out: writer.write(job.out_name, _checked(plan, job, out)), device=device,
-                     seed=seed, threads=max(1, threads), progress=progress)
+            with prefixed(where):
+                run_jobs(plan, lambda job, out: writer.write(job.out_name, _checked(plan, job, out)), device=device,
+                         seed=seed, threads=max(1, threads), progress=progress)
             writer.close({"merged_by": "evomerge"})
         except BaseException:
             writer.abort()
@@ -210,7 +213,9 @@ def run_jobs(plan: MergePlan, sink: Callable[[TensorJob, object], None], *, devi
     window = 2 * threads
 
     def work(job: TensorJob) -> None:
-        sink(job, run_job(plan, job, device, seed))
+        with prefixed(job.out_name):  # a kernel's error (say, linear weights summing to 0) names the tensor
+            out = run_job(plan, job, device, seed)
+        sink(job, out)
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
         pending: set[Future] = set()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pydantic
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, prefixed
 from evomerge.io.model_dir import ModelDir
 from evomerge.methods.sparsify import RESCALE_METHODS
 from evomerge.methods.registry import REQUIRED, MergeMethod, check_params, get_method
@@ -86,7 +86,8 @@ def _slices(recipe: Recipe, models: dict[str, ModelDir], method: MergeMethod) ->
 
 def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "recipe") -> MergePlan:
     """Resolve ``recipe`` into tensor jobs, validating everything up front."""
-    method = get_method(recipe.merge_method)
+    with prefixed(where):
+        method = get_method(recipe.merge_method)
     used = set(recipe.parameters)
     for sl in recipe.slices or []:
         used |= set(sl.parameters)
