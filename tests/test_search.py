@@ -316,7 +316,7 @@ def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
     space = tiny_space(tiny_zoo, tmp_path, name="badtask", evaluators=[
         {"type": "lm_eval", "include_path": str(tiny_zoo.tasks_dir), "tasks": ["zoo_nope"]}])
     result = _run_cli("search", space, "--run-dir", run_dir, "--local")
-    assert result.returncode == 2 and "unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
+    assert result.returncode == 2 and "objective.evaluators[0]: lm_eval: unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
     result = _run_cli("search", space, "--budget", "0")
     assert result.returncode == 2 and "invalid override: budget: Input should be greater than 0" in result.stderr
     result = _run_cli("search", tiny_space(tiny_zoo, tmp_path), "--run-dir", run_dir, "--address", "127.0.0.1:1")

@@ -46,6 +46,7 @@ class EvalWorker:
         begin = time.perf_counter()
         import torch
 
+        from evomerge.errors import prefixed
         from evomerge.evaluation.objective import builtin_metrics, check_reports
         from evomerge.evaluation.registry import build_evaluator
         from evomerge.io.live import load_tokenizer
@@ -63,9 +64,10 @@ class EvalWorker:
         self.evaluators = {"full": [build_evaluator(spec) for spec in space_obj.objective.evaluators]}
         if space_obj.surrogate is not None:
             self.evaluators["surrogate"] = [build_evaluator(spec) for spec in space_obj.surrogate.evaluators]
-        for evaluators in self.evaluators.values():
-            for evaluator in evaluators:
-                evaluator.setup(self.merger.model, self.tokenizer)
+        for mode, evaluators in self.evaluators.items():
+            for i, evaluator in enumerate(evaluators):
+                with prefixed(f"{'objective' if mode == 'full' else mode}.evaluators[{i}]"):
+                    evaluator.setup(self.merger.model, self.tokenizer)
         builtin = set(builtin_metrics(self.merger.model))
         check_reports(self.evaluators["full"], space_obj.objective.fitness, builtin, "objective")
         if space_obj.surrogate is not None:
