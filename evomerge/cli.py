@@ -281,6 +281,10 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         _end_live_line()
         console.print(f"[yellow]interrupted[/]; nothing finished is lost. Continue with: evomerge resume {run_dir}")
         raise typer.Exit(130) from None
+    except OSError as exc:  # a full disk, say: the journal and state are written whole or not at all
+        _end_live_line()
+        raise EvomergeError((f"{exc.filename}: " if exc.filename else "") + f"{exc.strerror or exc}; nothing finished "
+                            f"is lost: once that is fixed, `evomerge resume {run_dir}` continues") from None
     except Exception:
         _end_live_line()  # the error goes on a line of its own
         raise

@@ -294,6 +294,14 @@ def test_corrupt_optimizer_state_is_rebuilt_from_the_journal(tiny_zoo, tmp_path,
     assert comparable(run.journal()) == comparable(reference_run[0].journal())
     (aside,) = run.path.glob("optimizer.corrupt-*")
     assert (aside / "optimizer.pkl").read_bytes() == b"\x80\x04garbage"
+    # the search as started stays with the run: an edited config is still refused after the rebuild
+    assert (run.optimizer_dir / "space.json").read_bytes() == (aside / "space.json").read_bytes()
+    run.save_space(run.space().with_overrides(seed=1))
+    with pytest.raises(EvomergeError, match="seed was changed after the run started"):
+        run.check_unchanged()
+    (run.optimizer_dir / "space.json").write_text('{"name":')
+    with pytest.raises(EvomergeError, match=r"space\.json: damaged .* Restore it, or delete it"):
+        run.check_unchanged()
 
 
 def test_a_torn_optuna_journal_is_rebuilt_from_the_run_journal(tiny_zoo, tmp_path):
@@ -306,6 +314,32 @@ def test_a_torn_optuna_journal_is_rebuilt_from_the_run_journal(tiny_zoo, tmp_pat
     assert sorted(e.id for e in run.journal()) == [0, 1, 2, 3, 4]
     (aside,) = run.path.glob("optimizer.corrupt-*")
     assert (aside / "optuna.log").exists()
+
+
+def test_optuna_state_and_journal_out_of_step(tiny_zoo, tmp_path):
+    """Either file of Optuna's state missing is rebuilt from the journal into a fresh study (the result is
+    the uninterrupted run's); a journal lacking scored candidates is refused."""
+    import optuna
+
+    straight = start(tiny_space(tiny_zoo, tmp_path, budget=5, optimizer="tpe"), tmp_path / "straight")
+    Runner(straight, local).run()
+    first = start(tiny_space(tiny_zoo, tmp_path, budget=3, optimizer="tpe"), tmp_path / "first")
+    Runner(first, local).run()
+    for lost in ("optimizer.pkl", "optuna.log"):
+        run = RunDir(tmp_path / lost)
+        shutil.copytree(first.path, run.path)
+        (run.optimizer_dir / lost).unlink()
+        run.save_space(run.space().with_overrides(budget=5))
+        Runner(run, local).run()
+        assert comparable(run.journal()) == comparable(straight.journal()), lost
+        study = optuna.load_study(study_name="evomerge", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(run.optimizer_dir / "optuna.log"))))
+        assert len(study.trials) == 5  # one history, not the old trials plus a replay of them
+    run = RunDir(tmp_path / "truncated")
+    shutil.copytree(first.path, run.path)
+    run.journal_file.write_text("".join(run.journal_file.read_text().splitlines(keepends=True)[:1]))
+    with pytest.raises(EvomergeError, match=r"candidates #1, #2 were scored .* but are not in the journal"):
+        Runner(run, local).run()
 
 
 def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):

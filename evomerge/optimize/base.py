@@ -125,6 +125,11 @@ class Optimizer(ABC):
         x = self._pending.pop(id)
         self._learn(id, x, values)
 
+    @property
+    def asked(self) -> int:
+        """How many candidates were asked (their ids are 0 .. asked - 1)."""
+        return self._next_id
+
     def pending(self) -> dict[int, np.ndarray]:
         """Candidates asked but not yet told, in ask order."""
         return dict(self._pending)

@@ -7,7 +7,9 @@ worst value so far (the sampler must learn that the region is bad; a FAIL trial
 would be ignored) and carry the user attribute ``evomerge_failed``; every trial
 carries ``evomerge_id``, the candidate id.
 
-Exact resume: Optuna's samplers keep their RNG in memory, so the state file
+Exact resume (but for CmaEsSampler after a kill with a candidate in flight: it
+seeds each sample with the trial number, which the re-ask below shifts, so the
+run goes on along another path): Optuna's samplers keep their RNG in memory, so the state file
 holds the pickled sampler (Optuna's documented way to resume reproducibly),
 saved after every ask. ``restore`` then repairs what a kill left in the journal:
 
@@ -116,12 +118,15 @@ class OptunaOptimizer(Optimizer):
         before = self._fail_leftovers()
         if state is None:
             return
+        if len(before) < self._next_id:  # every candidate asked made a trial
+            raise CorruptStateError(f"{self.state_dir / JOURNAL_FILE}: holds {len(before)} trials, but "
+                                    f"{self._next_id} candidates were asked; the log was deleted or replaced")
         self._study = self._open_study(state["sampler"])
         study_id = self._storage.get_study_id_from_name(STUDY_NAME)
         for id, x in self._pending.items():
             old = before.get(state["trial_numbers"][id])
             if old is None:
-                raise EvomergeError(
+                raise CorruptStateError(
                     f"{self.state_dir / JOURNAL_FILE}: trial {state['trial_numbers'][id]} of candidate {id} "
                     "is missing; the journal does not belong to this optimizer state"
                 )

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import check_writable_parent, write_bytes_atomic
+from evomerge.fsutil import check_writable_parent, named, write_bytes_atomic
 from evomerge.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,12 @@ class RunDir:
         if not frozen.is_file():
             return  # a run started before the file existed
         space = self.space()
-        key = _first_difference(json.loads(frozen.read_text()), _identity(space))
+        try:
+            started = json.loads(frozen.read_text())
+        except (OSError, ValueError) as exc:
+            raise EvomergeError(f"{frozen}: damaged ({exc}); it records the search as started, so that resume can "
+                                f"refuse an edited {CONFIG}. Restore it, or delete it to resume without that check")
+        key = _first_difference(started, _identity(space))
         if key is not None:
             raise EvomergeError(f"{self.config_file}: {key} was changed after the run started; a run's results "
                                 "come from one search (only budget and workers may change): undo the edit, or "
@@ -193,7 +198,7 @@ class RunDir:
 
     def append(self, evaluation: Evaluation) -> None:
         """Append one evaluation durably (flushed and fsynced before returning)."""
-        with open(self.journal_file, "a") as f:
+        with named(self.journal_file), open(self.journal_file, "a") as f:
             f.write(evaluation.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())

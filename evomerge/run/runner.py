@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.optimize.base import CorruptStateError
 from evomerge.run.executor import Candidate, Executor, Finished
-from evomerge.run.rundir import OPTIMIZER, Evaluation, RunDir
+from evomerge.run.rundir import FROZEN, OPTIMIZER, Evaluation, RunDir
 from evomerge.run.screening import estimate, split_batch
 from evomerge.spaces.space import SearchSpace
 
@@ -93,12 +94,14 @@ class Runner:
         self.on_event = on_event or (lambda progress: None)
         self.max_retries = max_retries
         self._executor_factory = executor_factory
+        #: whether this process started the optimizer afresh (its state set aside): nothing to restore
+        self._fresh = False
         try:
             self.optimizer = self._build_optimizer()
         except CorruptStateError as exc:  # a backend that reads its state when built (Optuna's journal)
             if not self.run_dir.journal():
                 raise
-            self.optimizer = self._rebuild(exc)
+            self.optimizer = self._rebuild(str(exc))
         self.done: dict[int, Evaluation] = {}
         self.queue: list[Candidate] = []
         self.progress = RunProgress(total=self.space.budget)
@@ -114,12 +117,22 @@ class Runner:
             settings=dict(self.space.optimizer.settings), x0=self.genome.x0(),
         )
 
-    def _rebuild(self, exc: CorruptStateError):
-        """Set a damaged optimizer state aside and start a fresh optimizer (``_recover`` replays the journal)."""
-        aside = self.run_dir.optimizer_dir.with_name(f"{OPTIMIZER}.corrupt-{int(time.time())}")
-        os.replace(self.run_dir.optimizer_dir, aside)
-        self.run_dir.optimizer_dir.mkdir()
-        log.warning("%s; moved the optimizer state to %s and rebuilding it from the journal", exc, aside)
+    def _rebuild(self, why: str):
+        """Set an unusable optimizer state aside and start a fresh optimizer (``_recover`` replays the journal).
+
+        The search as started (``space.json``) stays: it is the run's, not the optimizer's, and guards
+        every later resume against an edited config.
+        """
+        state = self.run_dir.optimizer_dir
+        aside = state.with_name(f"{OPTIMIZER}.corrupt-{int(time.time())}")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "+")
+        os.replace(state, aside)
+        state.mkdir()
+        if (aside / FROZEN).is_file():
+            shutil.copy2(aside / FROZEN, state / FROZEN)
+        log.warning("%s; moved the optimizer state to %s and rebuilding it from the journal", why, aside)
+        self._fresh = True
         return self._build_optimizer()
 
     # -- resume --------------------------------------------------------------
@@ -139,7 +152,14 @@ class Runner:
             if not self.done:
                 raise
             restored = False
-            self.optimizer = self._rebuild(exc)
+            self.optimizer = self._rebuild(str(exc))
+        if restored and self._older_than_journal():
+            restored = False
+            self.optimizer = self._rebuild(f"{self.optimizer.state_path}: older than the journal")
+        elif (not restored and self.done and not self._fresh
+              and any(p.name != FROZEN for p in self.run_dir.optimizer_dir.iterdir())):
+            # e.g. Optuna's study without the sampler state: replayed into, it would hold two histories
+            self.optimizer = self._rebuild(f"{self.optimizer.state_path}: missing")
         if restored:
             for cid, x in self.optimizer.pending().items():
                 if cid in self.done:  # journaled, but the process died before telling it
@@ -150,6 +170,19 @@ class Runner:
             self._replay()
         for e in self.done.values():
             self._count(e)
+
+    def _older_than_journal(self) -> bool:
+        """Whether the journal holds candidates the restored state never asked (a stale copy of it);
+        refuse a journal that lacks candidates the state has scored (it was truncated or replaced)."""
+        asked, pending = self.optimizer.asked, self.optimizer.pending()
+        lost = [i for i in range(asked) if i not in pending and i not in self.done]
+        if lost:
+            ids = ", ".join(f"#{i}" for i in lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+            raise EvomergeError(
+                f"{self.run_dir.journal_file}: candidates {ids} were scored (the optimizer state in "
+                f"{self.run_dir.optimizer_dir} holds their results) but are not in the journal: it was truncated "
+                "or replaced. Restore it, or start a new run")
+        return any(i >= asked for i in self.done)
 
     def _replay(self) -> None:
         """Rebuild a lost optimizer state by asking again and telling the journal's results."""
@@ -170,8 +203,8 @@ class Runner:
                 self.queue.append(self._candidate(cid, ask.x))
         self.optimizer.save()
         if mismatched:
-            log.warning("%d replayed genomes differ from the journal's (parallel run); their scores were told anyway",
-                        mismatched)
+            log.warning("%d replayed genomes differ from the journal's (its candidates were asked and told in "
+                        "another order: several workers, or a resume); their scores were told anyway", mismatched)
 
     # -- candidates ----------------------------------------------------------
     def _candidate(self, cid: int, x) -> Candidate:
