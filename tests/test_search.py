@@ -430,3 +430,26 @@ def test_a_budget_edited_below_the_evaluations_done_is_refused(reference_run, tm
     run.save_space(run.space().with_overrides(budget=5))
     with pytest.raises(EvomergeError, match=r"config.yaml: budget 5 is below the 8 evaluations this run has done"):
         run.check_unchanged()
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, reference_run):
+    import errno
+
+    from evomerge.fsutil import write_bytes_atomic
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(reference_run[0].path, run.path)
+    before = run.journal_file.read_bytes()
+
+    def full(fd):  # what fsync raises on a full disk: an OSError that names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        run.append(run.journal()[0])
+    assert info.value.filename == str(run.journal_file) and info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as info:
+        write_bytes_atomic(run.optimizer_dir / "optimizer.pkl", b"new state")
+    assert info.value.filename == str(run.optimizer_dir / "optimizer.pkl")
+    assert not list(run.optimizer_dir.glob(".optimizer.pkl.*"))  # no temp file left behind
+    assert run.journal_file.read_bytes().startswith(before)
