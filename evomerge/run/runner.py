@@ -236,8 +236,8 @@ class Runner:
                 screened: bool = False) -> Evaluation:
         """Journal and tell one result; ``estimate`` marks a screened candidate and is what it is told.
 
-        ``screened``: the candidate never reached its full evaluation (its surrogate probe failed), so it
-        does not count against the budget either.
+        ``screened``: the candidate never reached its full evaluation (its genes decode to no recipe, or
+        its surrogate probe failed), so it does not count against the budget either.
         """
         status, metrics, error = result["status"], result.get("metrics", {}), result.get("error")
         fitness = estimate
