@@ -98,6 +98,12 @@ def test_init_from_a_recipe_reads_per_layer_weights(tiny_zoo):
     result = adamerge(tiny_zoo.models["base"], zoo_config(tiny_zoo).build_tasks(),
                       AdaMergingSettings(granularity="layer", steps=0), init=recipe, device="cpu")
     torch.testing.assert_close(result.coefficients, init)
+    # a normalized merge scales each task vector by lambda * w / sum(w): lambda is not normalized away
+    normalized = recipe.model_copy(update={"parameters": {"normalize": True, "lambda": 0.5}})
+    init = coefficients_from_recipe(normalized, tiny_zoo.models["base"], sources, merge)
+    for k in range(3):
+        a = 0.1 * (k + 1)
+        assert init[k].tolist() == pytest.approx([0.5 * a / 0.6, 0.5 * a / 0.6, 0.5 / 3])
 
 
 def test_nan_loss_stops_with_the_last_good_coefficients(tiny_zoo, tmp_path, tasks):
@@ -139,6 +145,9 @@ def test_a_non_finite_update_stops_with_the_last_good_coefficients(tiny_zoo, tas
     for bad in ({"init": float("nan")}, {"lr": 1e30}, {"init": 1e9}):
         with pytest.raises(ValueError):
             AdaMergingSettings(**bad)
+    with pytest.raises(ValueError, match="init 2.0 is outside"):  # the clamp would pass it no gradient
+        AdaMergingSettings(init=2.0)
+    assert AdaMergingSettings(init=2.0, clamp=False).init == 2.0
 
 
 def test_bad_inputs_are_clear_errors(tiny_zoo, tmp_path, tasks):

@@ -177,9 +177,11 @@ def coefficients_from_recipe(recipe: Recipe, base: str | Path, sources: list[str
         if job.out_name not in merge.group_of or "weight" not in job.kwargs:
             continue
         g = merge.group_of[job.out_name]
-        weights = [float(w) * float(job.kwargs.get("lambda_", 1.0)) for w in job.kwargs["weight"]]
-        if job.kwargs.get("normalize") and abs(sum(weights)) > 1e-8:
-            weights = [w / sum(weights) for w in weights]  # the scale a normalized merge applies
+        weights = [float(w) for w in job.kwargs["weight"]]
+        total = sum(weights)
+        if job.kwargs.get("normalize") and abs(total) > 1e-8:
+            weights = [w / total for w in weights]  # the scale a normalized merge applies, before lambda
+        weights = [w * float(job.kwargs.get("lambda_", 1.0)) for w in weights]
         by_source = {named[model]: w for (model, _), w in zip(job.sources, weights)}
         for k, source in enumerate(sources):
             sums[k, g] += float(by_source[source])

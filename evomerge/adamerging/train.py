@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.adamerging.merge import FunctionalMerge, coefficients_from_recipe, recipe_for
 from evomerge.errors import EvomergeError
@@ -52,6 +52,13 @@ class AdaMergingSettings(BaseModel):
     batch_size: int = Field(16, ge=1)
     clamp: bool = True
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _init_trains(self) -> AdaMergingSettings:
+        if self.clamp and not 0 <= self.init <= 1:
+            raise ValueError(f"init {self.init} is outside [0, 1]: clamped there, no coefficient would move "
+                             "(the clamp passes no gradient); pick an init in [0, 1] or set clamp: false")
+        return self
 
 
 @dataclass
@@ -121,6 +128,9 @@ def adamerge(base: str | Path, tasks: list[EntropyTask], settings: AdaMergingSet
         raise EvomergeError(f"adamerging: init coefficients have shape {list(init.shape)}, expected {list(shape)}")
     else:
         raw = init.detach().to(device=device, dtype=torch.float32).clone()
+        if settings.clamp and not bool(((raw >= 0) & (raw <= 1)).all()):
+            log.warning("adamerging: %d starting coefficients lie outside [0, 1]; clamped there, they will not "
+                        "train (set clamp: false to let them)", int(((raw < 0) | (raw > 1)).sum()))
     raw.requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
