@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, prefixed
 
 app = typer.Typer(
     help="Evolutionary model-merge search: evolve mergekit recipes, score them with lm-eval, export the best.",
@@ -188,7 +188,7 @@ def adamerge_cmd(
         granularity=granularity, plus_plus=plus_plus, steps=steps, lr=lr, seed=seed)
     if out_dir.exists() and not force:
         raise EvomergeError(f"{out_dir}: already exists; pass --force to replace it")
-    with console.status("resolving models") as status:
+    with console.status("resolving models") as status, prefixed(str(config)):
         cfg = cfg.resolved(relative_to=config.parent, progress=status.update)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -344,7 +344,8 @@ def search(
 
     space = SearchSpace.from_file(space_file).with_overrides(budget=budget, workers=workers, seed=seed)
     with console.status("resolving models") as status:
-        space = space.resolved(relative_to=space_file.parent, progress=status.update)
+        with prefixed(str(space_file)):
+            space = space.resolved(relative_to=space_file.parent, progress=status.update)
         space.check(str(space_file))
     if dry_run:
         _print_genome(space)

@@ -116,6 +116,21 @@ def test_staged_budget_must_leave_a_data_flow_stage(tiny_zoo, tmp_path):
                                                       "genome.parameter_budget 4")):
         SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, genome=genome, budget=4))
     assert SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, genome=genome, budget=5)).budget == 5
+    # the data-flow stage's settings are checked with the file, not after the parameter stage has run
+    bad = {**genome, "dataflow": {"type": "dataflow", "scale_bounds": [1.5, 0.5]}}
+    space = SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, name="bad", genome=bad, budget=5)).resolved()
+    with pytest.raises(EvomergeError, match=r"bad.yaml: genome.dataflow: gene scale: bounds \[1.5, 0.5\] are empty"):
+        space.check("bad.yaml")
+
+
+def test_a_data_flow_dtype_must_be_the_models_own(tiny_zoo, tmp_path):
+    """Layers are scored by reference, as stored: a path exported in another dtype is another model."""
+    space = SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, genome={"type": "dataflow", "dtype": "bfloat16"}))
+    with pytest.raises(EvomergeError, match=r"genome: dtype: bfloat16 is not the models' own \(float32\)"):
+        space.resolved().check()
+    same = SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, name="same", genome={"type": "dataflow",
+                                                                                      "dtype": "float32"}))
+    same.resolved().check()
 
 
 def test_unknown_and_mismatched_models(tiny_zoo, tmp_path):
@@ -174,8 +189,8 @@ def test_slot_scales_and_no_scales(tiny_zoo, tmp_path):
     genome = none.build_genome()
     assert genome.dim == 6
     assert all(s == 1.0 for *_, s in genome.path(np.ones(6)))
-    with pytest.raises(EvomergeError, match="genome.anchor"):
-        load(tiny_space(tiny_zoo, tmp_path, name="a", genome={"type": "dataflow", "anchor": str(tmp_path)})).build_genome()
+    with pytest.raises(EvomergeError, match="a.yaml: genome: anchor .* is neither the base nor a source"):
+        load(tiny_space(tiny_zoo, tmp_path, name="a", genome={"type": "dataflow", "anchor": str(tmp_path)})).check("a.yaml")
 
 
 @pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
@@ -243,7 +258,7 @@ def test_scales_on_a_family_that_cannot_fold_them_are_refused_when_read(tiny_zoo
         models[name] = tmp_path / name
     relabelled = type(tiny_zoo)(tiny_zoo.path, {**tiny_zoo.manifest, "models": {k: str(v) for k, v in models.items()}})
     space = load(tiny_space(relabelled, tmp_path, genome={"type": "dataflow", "scales": "slot"}))
-    with pytest.raises(EvomergeError, match="genome.scales: slot needs layers whose residual output can be scaled, "
+    with pytest.raises(EvomergeError, match="genome: scales: slot needs layers whose residual output can be scaled, "
                                             "which 'olmo2' models do not have"):
-        space.build_genome()
+        space.check()
     assert load(tiny_space(relabelled, tmp_path, name="none", genome={"type": "dataflow", "scales": "none"})).build_genome()

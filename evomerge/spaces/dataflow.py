@@ -55,19 +55,26 @@ class DataflowGenome(Genome):
 
     def __init__(self, config: DataflowGenomeConfig, base: PoolModel, sources: list[PoolModel]) -> None:
         if config.dtype is not None and config.dtype not in DTYPES:
-            raise EvomergeError(f"genome.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+            raise EvomergeError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         check_bounds("scale", config.scale_bounds, (0.0, float("inf")))
         self.config = config
         by_path = {m.path: m for m in [base, *sources]}
         anchor = base.path if config.anchor is None else config.anchor
         if anchor not in by_path:
-            raise EvomergeError(f"genome.anchor {config.anchor!r} is neither the base nor a source of this space")
+            raise EvomergeError(f"anchor {config.anchor!r} is neither the base nor a source of this space")
         self.anchor = by_path[anchor]
+        stored = {m.dir.info(n).dtype for m in [self.anchor, *sources] for n in m.dir.names}
+        if config.dtype is not None and stored != {config.dtype}:
+            # layers are scored by reference, as stored: an export rounded to another dtype is another model
+            raise EvomergeError(
+                f"dtype: {config.dtype} is not the models' own ({', '.join(sorted(stored))}); a data-flow "
+                "candidate is scored with the source layers as they are, so it would not be the model exported. "
+                "Leave dtype out (convert the exported model with `evomerge merge` of its recipe.yaml and a dtype)")
         arch = self.anchor.dir.arch
         if config.scales != "none" and not arch.residual_out and config.scale_bounds != (1.0, 1.0):
             # found per candidate, every one would fail: say so when the space is read
             raise EvomergeError(
-                f"genome.scales: {config.scales} needs layers whose residual output can be scaled, which "
+                f"scales: {config.scales} needs layers whose residual output can be scaled, which "
                 f"{self.anchor.dir.config.get('model_type')!r} models do not have (post- or sandwich-norm layers, "
                 "MoE experts); use scales: none"
             )

@@ -55,13 +55,13 @@ class ParameterGenome(Genome):
     def __init__(self, config: ParameterGenomeConfig, base: PoolModel, sources: list[PoolModel], seed: int) -> None:
         if config.method not in PARAMETER_METHODS:
             raise EvomergeError(
-                f"genome.method {config.method!r} cannot be searched; choose one of {', '.join(PARAMETER_METHODS)}"
+                f"method {config.method!r} cannot be searched; choose one of {', '.join(PARAMETER_METHODS)}"
             )
         if config.dtype is not None and config.dtype not in DTYPES:
-            raise EvomergeError(f"genome.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+            raise EvomergeError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         method = get_method(config.method)
         if config.method == "slerp" and len(sources) != 1:
-            raise EvomergeError(f"genome.method slerp interpolates the base with exactly one source, got {len(sources)}")
+            raise EvomergeError(f"method slerp interpolates the base with exactly one source, got {len(sources)}")
         self.config, self.base, self.sources, self.seed, self.method = config, base, sources, seed, method
         self.num_layers = base.num_layers
         for m in sources:
@@ -71,7 +71,7 @@ class ParameterGenome(Genome):
                     "merge models of equal depth (use a dataflow genome to stack layers)"
                 )
         if config.layer_groups > self.num_layers:
-            raise EvomergeError(f"genome.layer_groups {config.layer_groups} exceeds the models' {self.num_layers} layers")
+            raise EvomergeError(f"layer_groups {config.layer_groups} exceeds the models' {self.num_layers} layers")
         searched = config.genes
         if searched is None:
             params = set(method.source_params) | set(method.global_params)
@@ -80,7 +80,7 @@ class ParameterGenome(Genome):
         for name, bounds in searched.items():
             if name not in valid:
                 raise EvomergeError(
-                    f"genome.genes: {config.method} has no parameter {name!r}; valid: {', '.join(sorted(valid))}"
+                    f"genes: {config.method} has no parameter {name!r}; valid: {', '.join(sorted(valid))}"
                 )
             check_bounds(name, bounds, VALID_RANGE.get(name))
         clash = sorted(set(searched) & set(config.parameters))

@@ -166,8 +166,13 @@ class SearchSpace(_Strict):
         def at(key: str):
             return prefixed(f"{source}: {key}")
 
-        with at("genome"):
-            genome = self.stage(0).build_genome() if isinstance(self.genome, StagedGenomeConfig) else self.build_genome()
+        staged = isinstance(self.genome, StagedGenomeConfig)
+        with at("genome.parameter" if staged else "genome"):
+            genome = self.stage(0).build_genome() if staged else self.build_genome()
+        if staged:
+            # the data-flow stage also merges stage 1's winner, unknown until then: checked over the sources
+            with at("genome.dataflow"):
+                self.stage(1).build_genome()
         with at("optimizer"), tempfile.TemporaryDirectory() as scratch:
             build_optimizer(self.optimizer.name, dim=genome.dim, names=genome.names,
                             directions=self.objective.directions, seed=self.seed, state_dir=Path(scratch),
