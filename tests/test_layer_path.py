@@ -268,9 +268,12 @@ def test_gpt2_path_folds_its_c_proj_and_generates(tmp_path):
     assert live.config.n_layer == 2 and len(live.transformer.h) == 2
 
 
-def test_sliding_window_layers_keep_their_type_in_a_path(tmp_path):
+@pytest.mark.parametrize("stored", [True, False])
+def test_sliding_window_layers_keep_their_type_in_a_path(tmp_path, stored):
     """Qwen2 with per-layer ``layer_types``: a path's (and a frankenmerge's) layer types follow its source
-    layers, and the live path runs (its layer count and types set together) and equals the export."""
+    layers, and the live path runs (its layer count and types set together) and equals the export. Also
+    when config.json leaves ``layer_types`` out and the config class derives it (from ``max_window_layers``):
+    the output lists it per source layer, or transformers would derive it again by position."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     paths = []
@@ -278,10 +281,13 @@ def test_sliding_window_layers_keep_their_type_in_a_path(tmp_path):
         torch.manual_seed(seed)
         config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=50, max_position_embeddings=32, use_sliding_window=True,
-                             sliding_window=3, layer_types=["full_attention", "full_attention", "sliding_attention",
-                                                            "sliding_attention"], bos_token_id=0, eos_token_id=0)
+                             sliding_window=3, max_window_layers=2, bos_token_id=0, eos_token_id=0,
+                             layer_types=["full_attention", "full_attention", "sliding_attention", "sliding_attention"])
         Qwen2ForCausalLM(config).save_pretrained(tmp_path / f"q{seed}")
         paths.append(str(tmp_path / f"q{seed}"))
+        if not stored:
+            file = tmp_path / f"q{seed}" / "config.json"
+            file.write_text(json.dumps({k: v for k, v in json.loads(file.read_text()).items() if k != "layer_types"}))
     steps = [(paths[0], 0), (paths[1], 2), (paths[0], 1), (paths[1], 3), (paths[0], 2)]
     recipe = path_recipe(steps, [1.0] * len(steps), arch=LLAMA)
     want = ["full_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]

@@ -7,6 +7,8 @@ before a single weight is read or anything is written.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import struct
@@ -164,6 +166,21 @@ class ModelDir:
             return self.infos[name]
         except KeyError:
             raise EvomergeError(f"{self.path}: missing tensor {name!r}") from None
+
+    @functools.cached_property
+    def layer_config(self) -> dict:
+        """``config`` plus the per-layer lists its transformers config class derives when config.json omits
+        them (Qwen2's ``layer_types`` from ``use_sliding_window`` and ``max_window_layers``, say): a stack
+        of this model's layers keeps each layer's own attention type only if the output lists it."""
+        from transformers import AutoConfig
+
+        try:
+            derived = AutoConfig.from_pretrained(self.path).to_dict()
+            derived[self.arch.num_layers_key] = self.num_layers
+            extra = {k: derived[k] for k in self.arch.per_layer_keys(derived) if k not in self.config}
+        except Exception:  # noqa: BLE001 -- a family transformers does not know: config.json is all there is
+            extra = {}
+        return {**self.config, **extra}
 
     @property
     def num_layers(self) -> int:

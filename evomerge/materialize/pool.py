@@ -131,6 +131,11 @@ class PoolModel:
         return self._flat[b].to(self.device, non_blocking=True)  # itself when already there
 
     @property
+    def layer_config(self) -> dict:
+        """The source's ``ModelDir.layer_config``."""
+        return self.source.layer_config
+
+    @property
     def nbytes(self) -> int:
         """Bytes this member holds in memory (0 on disk)."""
         return 0 if self._flat is None else sum(f.numel() * f.element_size() for f in self._flat)
