@@ -31,6 +31,10 @@ class ArchMap:
     #: (tensor, the tensor it is tied to): a model that ties its LM head to its embeddings stores only
     #: the latter, which then stands in for the head in a merge (mergekit's ``tied_names``)
     tied: tuple[tuple[str, str], ...] = ()
+    #: config flags that, when true, make a layer compute differently at another index (fixed when the
+    #: model is built): a layer path, which runs layers by reference away from their index, cannot be
+    #: scored as its export computes
+    positional: tuple[str, ...] = ()
 
     @property
     def _pattern(self) -> re.Pattern:
@@ -102,7 +106,7 @@ _LLAMA = ArchMap("llama", "model.layers.", "num_hidden_layers", ("self_attn.o_pr
 #: Llama naming, but the residual-writing projections are not foldable (post/sandwich norms, MoE experts).
 _LLAMA_NAMES = ArchMap("llama-names", "model.layers.", "num_hidden_layers", tied=_LLAMA_TIED)
 _GPT2 = ArchMap("gpt2", "transformer.h.", "n_layer", ("attn.c_proj", "mlp.c_proj"),
-                (("lm_head.weight", "transformer.wte.weight"),))
+                (("lm_head.weight", "transformer.wte.weight"),), positional=("scale_attn_by_inverse_layer_idx",))
 
 #: model_type -> map. Llama-style naming covers Mistral, Qwen2/3, Gemma, Phi-3 and most decoder LMs.
 FAMILIES: dict[str, ArchMap] = {

@@ -123,6 +123,41 @@ def test_staged_budget_must_leave_a_data_flow_stage(tiny_zoo, tmp_path):
         space.check("bad.yaml")
 
 
+def test_a_data_flow_path_takes_models_of_one_dtype_and_index_free_layers(tiny_zoo, tmp_path):
+    """A path stacks layers by reference in one live model: mixed dtypes, or layers that compute by their
+    index (GPT-2's scale_attn_by_inverse_layer_idx), are refused when the space is read."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    half = shutil.copytree(tiny_zoo.models["rev"], tmp_path / "rev16")
+    for shard in half.glob("*.safetensors"):
+        save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    path = tiny_space(tiny_zoo, tmp_path, name="mixed", genome={"type": "dataflow"})
+    data = yaml.safe_load(path.read_text())
+    data["models"]["sources"][1] = str(half)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvomergeError, match=r"genome: a data-flow path stacks .* these differ \(.*rev16: bfloat16"):
+        load(path).check()
+    staged = tiny_space(tiny_zoo, tmp_path, name="st", budget=5, genome={
+        "type": "staged", "parameter_budget": 2, "parameter": {"type": "parameter", "method": "ties", "dtype": "bfloat16"},
+        "dataflow": {"type": "dataflow"}})
+    with pytest.raises(EvomergeError, match="st.yaml: genome.parameter.dtype: stage 1 exports its winner in bfloat16"):
+        load(staged).check("st.yaml")
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for name in ("g0", "g1"):
+        GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=16,
+                                   scale_attn_by_inverse_layer_idx=True)).save_pretrained(tmp_path / name)
+    assert json.loads((tmp_path / "g0" / "config.json").read_text())["scale_attn_by_inverse_layer_idx"]
+    data["models"] = {"base": str(tmp_path / "g0"), "sources": [str(tmp_path / "g1")]}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvomergeError, match="config.json sets scale_attn_by_inverse_layer_idx, so each layer"):
+        load(path).check()
+
+
 def test_a_data_flow_dtype_must_be_the_models_own(tiny_zoo, tmp_path):
     """Layers are scored by reference, as stored: a path exported in another dtype is another model."""
     space = SearchSpace.from_file(tiny_space(tiny_zoo, tmp_path, genome={"type": "dataflow", "dtype": "bfloat16"}))
