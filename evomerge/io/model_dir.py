@@ -8,7 +8,6 @@ before a single weight is read or anything is written.
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 import struct

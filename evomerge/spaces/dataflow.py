@@ -55,6 +55,24 @@ def stored_dtypes(model: PoolModel) -> set[str]:
     return {model.dir.info(n).dtype for n in model.dir.names}
 
 
+def check_stackable(models: list[PoolModel]) -> set[str]:
+    """Refuse models whose layers a path cannot run by reference inside one live model, as their export
+    computes: of several dtypes, or computing by their index. Returns the one dtype, as a set."""
+    dtypes = {m.path: stored_dtypes(m) for m in models}
+    stored = set().union(*dtypes.values())
+    if len(stored) > 1:
+        listing = ", ".join(f"{m.label}: {'/'.join(sorted(dtypes[m.path]))}" for m in dict.fromkeys(models))
+        raise EvomergeError(f"a data-flow path stacks the models' layers as stored, which takes one dtype, "
+                            f"and these differ ({listing}); convert them to one dtype first")
+    for m in models:
+        on = [flag for flag in m.dir.arch.positional if m.dir.config.get(flag)]
+        if on:
+            raise EvomergeError(f"{m.path}: config.json sets {on[0]}, so each layer computes according to its "
+                                "index; a data-flow path moves layers to other indices and could not be scored "
+                                "as its export computes")
+    return stored
+
+
 class DataflowGenome(Genome):
     """See the module doc."""
 
@@ -68,19 +86,7 @@ class DataflowGenome(Genome):
         if anchor not in by_path:
             raise EvomergeError(f"anchor {config.anchor!r} is neither the base nor a source of this space")
         self.anchor = by_path[anchor]
-        models = [base, self.anchor, *sources]
-        dtypes = {m.path: stored_dtypes(m) for m in models}
-        stored = set().union(*dtypes.values())
-        if len(stored) > 1:  # the path's layers run by reference inside one live model
-            listing = ", ".join(f"{m.label}: {'/'.join(sorted(dtypes[m.path]))}" for m in dict.fromkeys(models))
-            raise EvomergeError(f"a data-flow path stacks the models' layers as stored, which takes one dtype, "
-                                f"and these differ ({listing}); convert them to one dtype first")
-        for m in models:
-            on = [flag for flag in m.dir.arch.positional if m.dir.config.get(flag)]
-            if on:
-                raise EvomergeError(f"{m.path}: config.json sets {on[0]}, so each layer computes according to its "
-                                    "index; a data-flow path moves layers to other indices and could not be scored "
-                                    "as its export computes")
+        stored = check_stackable([base, self.anchor, *sources])
         if config.dtype is not None and stored != {config.dtype}:
             # layers are scored by reference, as stored: an export rounded to another dtype is another model
             raise EvomergeError(
