@@ -126,7 +126,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs: cpu or cuda."),
     threads: int = typer.Option(2, "--threads", min=1, help="Tensors merged in parallel."),
-    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="Seed for DARE/DELLA masks (default: the recipe's random_seed, else 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", min=0, max=2**32 - 1, help="Seed for DARE/DELLA masks (default: the recipe's random_seed, else 0; written to the saved recipe)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Cut output shards at this size."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickle *.bin checkpoints (can run code; only for sources you trust)."),
 ) -> None:
@@ -166,7 +166,7 @@ def adamerge_cmd(
     plus_plus: Optional[bool] = typer.Option(None, "--plus-plus/--no-plus-plus", help="AdaMerging++: TIES-trimmed task vectors."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Adam steps (overrides the config)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (overrides the config)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batch sampling (overrides the config)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seed of the batch sampling (overrides the config)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
 ) -> None:
@@ -243,6 +243,9 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     from evomerge.run.runner import Runner
     from evomerge.run.staged import run_stages
 
+    if local and address:
+        raise EvomergeError(f"--address {address} names a Ray cluster, but --local evaluates in this process; "
+                            "give one of them")
     run = RunDir.open(run_dir)
     space = run.space()
     asked = workers or space.workers

@@ -565,3 +565,20 @@ def test_models_of_different_architectures_are_refused(zoo, tmp_path):
         with pytest.raises(EvomergeError, match=rf"models of different architectures \({zoo['base']} is 'llama', "
                                                 rf"{other} is 'mistral'\)"):
             merge_to_dir(recipe(data), tmp_path / "out")
+
+
+def test_the_saved_recipe_carries_the_seed_its_masks_were_drawn_with(zoo, tmp_path):
+    from evomerge.io.writer import parse_size
+
+    data = {"merge_method": "dare_ties", "base_model": zoo["base"], "random_seed": 5,
+            "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0, "density": 0.5}}]}
+    merge_to_dir(recipe(data), tmp_path / "a", seed=3)  # --seed overrides the recipe's
+    saved = Recipe.from_file(tmp_path / "a" / "mergekit_config.yml")
+    assert saved.random_seed == 3
+    merge_to_dir(saved, tmp_path / "again")
+    a, again = state(tmp_path / "a"), state(tmp_path / "again")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    merge_to_dir(recipe(data), tmp_path / "five")
+    assert not all(torch.equal(a[k], v) for k, v in state(tmp_path / "five").items())  # another seed, other masks
+    with pytest.raises(EvomergeError, match="a shard holds at least one byte"):
+        parse_size("0")

@@ -353,6 +353,9 @@ def test_bad_settings_fail_before_a_run_dir_is_left_behind(tiny_zoo, tmp_path):
     assert result.returncode == 2 and "objective.evaluators[0]: lm_eval: unknown task 'zoo_nope'" in result.stderr and not run_dir.exists()
     result = _run_cli("search", space, "--budget", "0")
     assert result.returncode == 2 and "invalid override: budget: Input should be greater than 0" in result.stderr
+    result = _run_cli("search", tiny_space(tiny_zoo, tmp_path), "--run-dir", run_dir, "--local", "--address", "h:1")
+    assert result.returncode == 2 and not run_dir.exists()
+    assert "--address h:1 names a Ray cluster, but --local evaluates in this process" in " ".join(result.stderr.split())
     result = _run_cli("search", tiny_space(tiny_zoo, tmp_path), "--run-dir", run_dir, "--address", "127.0.0.1:1")
     assert result.returncode == 2 and not run_dir.exists()
     assert "--address 127.0.0.1:1: no Ray cluster answers there" in " ".join(result.stderr.split())

@@ -31,11 +31,15 @@ INDEX = "model.safetensors.index.json"
 def parse_size(text: str | int) -> int:
     """``"5GB"`` -> bytes (decimal units as in transformers; KiB/MiB/GiB binary)."""
     if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise EvomergeError(f"invalid size {text!r}; use e.g. 500MB or 5GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise EvomergeError(f"invalid size {text!r}; use e.g. 500MB or 5GB")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:
+        raise EvomergeError(f"invalid size {text!r}: a shard holds at least one byte; use e.g. 500MB or 5GB")
+    return size
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,8 @@ def merge_to_dir(
     if out_dir.exists():
         check_replaceable(out_dir, [*inputs, *(m.path for m in models.values()), tokenizer])
     seed = seed if seed is not None else (recipe.random_seed or 0)
+    if plan.method.random and saved.random_seed != seed:
+        saved = saved.model_copy(update={"random_seed": seed})  # the masks drawn: the saved recipe redraws them
     slots = [TensorSlot(j.out_name, j.shape, j.dtype) for j in plan.jobs]
     max_bytes = parse_size(max_shard_size)
     keep_freed_memory()
