@@ -30,6 +30,25 @@ def test_forced_placements_and_bad_names():
     assert host_on_cpu.placement == "device" and "host memory is the device memory" in host_on_cpu.reason
     with pytest.raises(EvomergeError, match="choose one of auto, device, host, disk"):
         plan_memory(GB, GB, GB, "cpu", "gpu")
+    # a forced placement that does not fit is taken, and says so
+    forced = plan_memory(60 * GB, 15 * GB, 2 * GB, "cuda", "device", free=(20 * GB, 120 * GB))
+    assert forced.placement == "device" and "needs more than the free memory" in forced.describe()
+    assert plan_memory(42 * GB, 14 * GB, GB, "cuda", "disk", free=(80 * GB, 200 * GB)).reason == "as requested"
+
+
+def test_every_placement_holds_the_live_model_and_workers_share_the_host():
+    # host and disk still put the live model and the workspace on the device: 17 GB do not fit in 8
+    with pytest.raises(EvomergeError, match=r"the live model \(15.00 GB\) and the merge workspace \(2.00 GB\) "
+                                            r"alone need more than 85% of the 8.00 GB free on the cuda"):
+        plan_memory(60 * GB, 15 * GB, 2 * GB, "cuda", free=(8 * GB, 120 * GB))
+    # two CPU workers starting together on 20 GB: each plans with 10 GB, so an 11 GB plan goes to disk
+    alone = plan_memory(8 * GB, 2 * GB, GB, "cpu", free=(20 * GB, 20 * GB))
+    shared = plan_memory(8 * GB, 2 * GB, GB, "cpu", free=(20 * GB, 20 * GB), sharing=2)
+    assert alone.placement == "device" and shared.placement == "disk"
+    assert "10.00 GB free on the device, 10.00 GB on the host (a 1/2 share per worker)" in shared.describe()
+    # each worker has its own GPU, but they split the host's pinned memory
+    assert plan_memory(42 * GB, 14 * GB, GB, "cuda", free=(40 * GB, 100 * GB), sharing=2).placement == "host"
+    assert plan_memory(42 * GB, 14 * GB, GB, "cuda", free=(40 * GB, 100 * GB), sharing=3).placement == "disk"
 
 
 def test_index_cuts_equal_rank_cuts_including_ties_and_edges():

@@ -127,11 +127,15 @@ class ScaledLayer(torch.nn.Module):
 
 
 class ResidentMerger:
-    """One live model plus a resident pool of source weights; see the module doc."""
+    """One live model plus a resident pool of source weights; see the module doc.
+
+    ``placement`` forces a memory plan (``auto``: chosen); ``sharing`` is the number of workers that
+    start on this machine together and split its memory (``materialize.placement``).
+    """
 
     def __init__(self, base: str | Path, sources: list[str | Path], *, device: str | None = None,
                  threads: int = 2, allow_pickle: bool = False, placement: str = "auto",
-                 block_numel: int | None = None, fused: bool | None = None) -> None:
+                 block_numel: int | None = None, fused: bool | None = None, sharing: int = 1) -> None:
         from evomerge.io.live import checkpoint_names, load_model
         from evomerge.perf import keep_freed_memory
 
@@ -147,6 +151,7 @@ class ResidentMerger:
         self.memory = plan_memory(
             pool_bytes=sum(model_bytes(d) for d in dirs.values()), live_bytes=model_bytes(dirs[str(base)]),
             workspace_bytes=(len(names) + 2) * widest * 4, device=self.device, requested=placement,
+            sharing=sharing,
         )
         log.info("resident merger: %s", self.memory.describe())
         #: whether task-vector merges run compiled (``materialize.fused``, CPU only): by default for

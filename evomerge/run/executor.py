@@ -161,6 +161,9 @@ class RayExecutor(Executor):
         self._options = {"num_cpus": min(1.0, cpus / workers), "num_gpus": 1 if self.device == "cuda" else 0,
                          "max_restarts": 0, "max_concurrency": 1}
         self._space = space
+        # workers on one node start together and split its memory: each plans with its share
+        nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+        self._sharing = -(-workers // nodes)
         self._actors: list[Any] = [None] * workers
         self._inflight: dict[Any, tuple[int, Candidate]] = {}
 
@@ -168,7 +171,7 @@ class RayExecutor(Executor):
         import ray
 
         cls = ray.remote(EvalWorker).options(**self._options)
-        actor = cls.remote(self._space, worker, device=self.device, threads=self._threads)
+        actor = cls.remote(self._space, worker, device=self.device, threads=self._threads, sharing=self._sharing)
         self._actors[worker] = actor
         return actor.start.remote()
 

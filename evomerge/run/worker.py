@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 class EvalWorker:
     """Holds the live model, tokenizer and evaluators of one worker."""
 
-    def __init__(self, space: dict[str, Any], worker_id: int, *, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, space: dict[str, Any], worker_id: int, *, device: str | None = None, threads: int | None = None,
+                 sharing: int = 1) -> None:
         self.worker_id = worker_id
         self.pid = os.getpid()
-        self._args = (space, device, threads)
+        self._args = (space, device, threads, sharing)
 
     def start(self) -> dict[str, Any]:
         """Load the pool and set up the evaluators; returns ``info()``, or ``{"error": msg}`` for bad config.
@@ -42,10 +43,11 @@ class EvalWorker:
             return {"error": f"a worker failed to start: {type(exc).__name__}: {exc}"}
         return self.info()
 
-    def _start(self, space: dict[str, Any], device: str | None, threads: int | None) -> None:
+    def _start(self, space: dict[str, Any], device: str | None, threads: int | None, sharing: int) -> None:
         begin = time.perf_counter()
         import torch
 
+        from evomerge.device import check_device
         from evomerge.errors import prefixed
         from evomerge.evaluation.objective import builtin_metrics, check_reports
         from evomerge.evaluation.registry import build_evaluator
@@ -53,12 +55,15 @@ class EvalWorker:
         from evomerge.materialize.resident import ResidentMerger
         from evomerge.spaces.space import SearchSpace
 
+        if device:
+            check_device(device)  # a CUDA device on a machine without one: one line, not torch's assertion
         if threads:
             torch.set_num_threads(threads)
         libraries = time.perf_counter()
         space_obj = SearchSpace.model_validate(space)
         self.merger = ResidentMerger(space_obj.models.base, list(space_obj.models.sources), device=device,
-                                     threads=threads or torch.get_num_threads(), placement=space_obj.placement)
+                                     threads=threads or torch.get_num_threads(), placement=space_obj.placement,
+                                     sharing=sharing)
         self.tokenizer = load_tokenizer(space_obj.models.base)
         models = time.perf_counter()
         self.evaluators = {"full": [build_evaluator(spec) for spec in space_obj.objective.evaluators]}
