@@ -286,8 +286,8 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
         raise typer.Exit(130) from None
     except OSError as exc:  # a full disk, say: the journal and state are written whole or not at all
         _end_live_line()
-        raise EvomergeError((f"{exc.filename}: " if exc.filename else "") + f"{exc.strerror or exc}; nothing finished "
-                            f"is lost: once that is fixed, `evomerge resume {run_dir}` continues") from None
+        raise EvomergeError(f"{_os_error(exc)}; nothing finished is lost: once that is fixed, "
+                            f"`evomerge resume {run_dir}` continues") from None
     except Exception:
         _end_live_line()  # the error goes on a line of its own
         raise
@@ -553,6 +553,11 @@ def _print_verdict(v: dict) -> None:
     )
 
 
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line: the file it is about, and what went wrong."""
+    return (f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc))
+
+
 def _fail(message: str) -> None:
     """Print one error line and exit 2."""
     # messages quote YAML such as [low, high], which rich would take for markup
@@ -575,7 +580,7 @@ def main() -> None:
     except OSError as exc:
         # a full disk or a vanished directory: outputs and run state are written atomically, so nothing
         # half-written is left, and a search continues with `evomerge resume` once the cause is fixed
-        _fail((f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc)))
+        _fail(_os_error(exc))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)

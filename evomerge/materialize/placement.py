@@ -99,10 +99,10 @@ def plan_memory(pool_bytes: int, live_bytes: int, workspace_bytes: int, device: 
     free_host //= sharing
     if not cuda:
         free_device //= sharing
-    resident = live_bytes + workspace_bytes  # on the device whatever the placement
-    fits = {"device": pool_bytes + resident <= HEADROOM * free_device,
-            "host": resident <= HEADROOM * free_device and (not cuda or pool_bytes <= HEADROOM * free_host),
-            "disk": resident <= HEADROOM * free_device}
+    resident_fits = live_bytes + workspace_bytes <= HEADROOM * free_device  # whatever the placement
+    fits = {"device": pool_bytes + live_bytes + workspace_bytes <= HEADROOM * free_device,
+            "host": resident_fits and pool_bytes <= HEADROOM * free_host,
+            "disk": resident_fits}
     if requested == "host" and not cuda:
         requested, reason = "device", "host memory is the device memory of a cpu worker"
     else:

@@ -50,15 +50,10 @@ class DataflowGenomeConfig(BaseModel):
         return DataflowGenome(self, base, sources)
 
 
-def stored_dtypes(model: PoolModel) -> set[str]:
-    """The dtypes ``model`` stores its tensors in."""
-    return {model.dir.info(n).dtype for n in model.dir.names}
-
-
 def check_stackable(models: list[PoolModel]) -> set[str]:
     """Refuse models whose layers a path cannot run by reference inside one live model, as their export
     computes: of several dtypes, or computing by their index. Returns the one dtype, as a set."""
-    dtypes = {m.path: stored_dtypes(m) for m in models}
+    dtypes = {m.path: {m.dir.info(n).dtype for n in m.dir.names} for m in models}
     stored = set().union(*dtypes.values())
     if len(stored) > 1:
         listing = ", ".join(f"{m.label}: {'/'.join(sorted(dtypes[m.path]))}" for m in dict.fromkeys(models))
@@ -86,11 +81,12 @@ class DataflowGenome(Genome):
         if anchor not in by_path:
             raise EvomergeError(f"anchor {config.anchor!r} is neither the base nor a source of this space")
         self.anchor = by_path[anchor]
-        stored = check_stackable([base, self.anchor, *sources])
-        if config.dtype is not None and stored != {config.dtype}:
+        #: the one dtype the models store their tensors in (as a set)
+        self.stored = check_stackable([base, self.anchor, *sources])
+        if config.dtype is not None and self.stored != {config.dtype}:
             # layers are scored by reference, as stored: an export rounded to another dtype is another model
             raise EvomergeError(
-                f"dtype: {config.dtype} is not the models' own ({', '.join(sorted(stored))}); a data-flow "
+                f"dtype: {config.dtype} is not the models' own ({', '.join(sorted(self.stored))}); a data-flow "
                 "candidate is scored with the source layers as they are, so it would not be the model exported. "
                 "Leave dtype out (convert the exported model with `evomerge merge` of its recipe.yaml and a dtype)")
         arch = self.anchor.dir.arch

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge.errors import EvomergeError, prefixed
 from evomerge.evaluation.objective import Objective, Surrogate
-from evomerge.spaces.dataflow import DataflowGenomeConfig, stored_dtypes
+from evomerge.spaces.dataflow import DataflowGenomeConfig
 from evomerge.spaces.genome import Genome
 from evomerge.spaces.models import PoolModel, open_pool, resolve_ref
 from evomerge.spaces.parameter import ParameterGenomeConfig
@@ -172,10 +172,8 @@ class SearchSpace(_Strict):
         if staged:
             # the data-flow stage also merges stage 1's winner, unknown until then: checked over the sources
             with at("genome.dataflow"):
-                self.stage(1).build_genome()
+                stored = self.stage(1).build_genome().stored
             dtype = self.genome.parameter.dtype
-            base, sources = self.pool()
-            stored = set().union(*map(stored_dtypes, [base, *sources]))
             if dtype is not None and stored != {dtype}:
                 raise EvomergeError(f"{source}: genome.parameter.dtype: stage 1 exports its winner in {dtype}, which "
                                     f"the data-flow stage stacks with the sources' layers ({', '.join(sorted(stored))}); "
