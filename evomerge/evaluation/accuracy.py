@@ -9,6 +9,7 @@ from evomerge.evaluation.base import (
     check_counts,
     check_image_model,
     image_batches,
+    per_batch,
     read_jsonl_rows,
     read_npz,
     tokenize_batches,
@@ -91,11 +92,6 @@ class AccuracyEvaluator(Evaluator):
             self.setup(model, tokenizer)
         if self.head is not None:
             self.head.apply(model)
-        device = next(model.parameters()).device
-        predictions = []
-        with torch.inference_mode():
-            for batch in self._batches:
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                predictions.append(logits.argmax(-1).cpu())
+        predictions = per_batch(model, self._batches, lambda logits: logits.argmax(-1).cpu())
         correct = (torch.cat(predictions) == self._labels).sum().item()
         return {"accuracy": correct / len(self._labels)}

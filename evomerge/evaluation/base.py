@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,19 @@ def tokenize_batches(tokenizer, texts: list[str], batch_size: int, padding_side:
         ]
     finally:
         tokenizer.padding_side = saved
+
+
+def per_batch(model, batches: list, reduce: Callable) -> list:
+    """``reduce(logits)`` of ``model`` on each prepared batch (moved to the model's device), without gradients.
+
+    Reduced per batch, so a language model's full logits are never held for
+    more than one batch.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [reduce(model(**{k: v.to(device) for k, v in batch.items()}).logits) for batch in batches]
 
 
 def read_jsonl(path: str | Path, field: str, limit: int | None = None) -> list[str]:

@@ -9,6 +9,7 @@ from evomerge.evaluation.base import (
     check_counts,
     check_image_model,
     image_batches,
+    per_batch,
     read_jsonl,
     read_npz,
     tokenize_batches,
@@ -67,20 +68,13 @@ class EntropyEvaluator(Evaluator):
             self._batches = tokenize_batches(tokenizer, prompts, self.batch_size, "left")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
-        import torch
-
         if self._batches is None:
             self.setup(model, tokenizer)
         if self.head is not None:
             self.head.apply(model)
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in self._batches:
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                total += float(prediction_entropy(logits)) * logits.shape[0]
-                count += logits.shape[0]
-        return {"entropy": total / count}
+        # a batch's mean entropy, weighted by its rows: the last batch may be short
+        parts = per_batch(model, self._batches, lambda logits: (float(prediction_entropy(logits)), logits.shape[0]))
+        return {"entropy": sum(mean * rows for mean, rows in parts) / sum(rows for _, rows in parts)}
 
 
 @register
