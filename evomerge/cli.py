@@ -295,7 +295,7 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     best = progress.best
     console.print(("data-flow stage: " if staged else "") + f"{progress.done} evaluations, {progress.failed} failed"
                   + (f", {progress.screened} screened out" if progress.screened else "") + "; "
-                  + ("no successful candidate" if best is None else f"best #{best.id}: fitness {best.fitness}"))
+                  + ("no successful candidate" if best is None else f"best #{best.id}: fitness {_fitness(best.fitness)}"))
     if best is None and progress.failed:
         # every candidate failed: most likely one misconfiguration; show it rather than exit 0
         last = next((e for e in reversed(run_for_export.journal()) if not e.ok), None)
@@ -313,10 +313,28 @@ def _drive(run_dir: Path, workers: int | None, address: str | None, local: bool,
     out_console.print(str(run.path))
 
 
+def _warn_unreadable(run) -> list:
+    """``run``'s readable journal, saying which lines were skipped (damaged, half-written or repeated)."""
+    from evomerge.report.runs import format_line_numbers
+
+    journal, unreadable = run.readable_journal()
+    if unreadable:
+        console.print(f"[yellow]skipped {len(unreadable)} unreadable journal line(s)[/] "
+                      f"({format_line_numbers(unreadable)}) of {run.journal_file}", soft_wrap=True, highlight=False)
+    return journal
+
+
+def _fitness(values) -> str:
+    """A fitness vector (a list, or a dict by objective) for the terminal: 4 significant digits."""
+    if isinstance(values, dict):
+        return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in values.items()) + "}"
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
 def _exported(what: str, scores: dict) -> None:
     """Say where an export went, its test-split fitness, and which evaluators could not score the test split."""
     test = scores.get("test", {})
-    console.print(what + (f" (test split: {test['fitness']})" if test.get("fitness") else ""))
+    console.print(what + (f" (test split: {_fitness(test['fitness'])})" if test.get("fitness") else ""))
     for label, why in test.get("unscored", {}).items():
         console.print(f"[yellow]not scored on the test split[/]: {label}: {why}")
 
@@ -402,7 +420,6 @@ def status(
     Reads only the config and the journal, so it is fast and works while the
     search is running; unreadable journal lines are skipped and counted.
     """
-    from evomerge.report.runs import format_line_numbers
     from evomerge.report.series import pareto_mask
     from evomerge.run.rundir import RunDir
     from evomerge.run.runner import ranked
@@ -411,10 +428,7 @@ def status(
     top_run = RunDir.open(run_dir)
     run = latest_run(top_run)
     space = run.space()
-    journal, unreadable = run.readable_journal()
-    if unreadable:
-        console.print(f"[yellow]skipped {len(unreadable)} unreadable journal line(s)[/] "
-                      f"({format_line_numbers(unreadable)}) of {run.journal_file}", soft_wrap=True, highlight=False)
+    journal = _warn_unreadable(run)
     failed = [e for e in journal if not e.ok]
     screened = sum(e.screened for e in journal)
     names = space.objective.names
@@ -426,26 +440,29 @@ def status(
         first_space = first.space()
         done = ranked(first.journal(), first_space.objective.directions)
         out_console.print(f"stage 1 ({first.path}): {len(done)}/{first_space.budget} successful evaluations"
-                          + (f", winner #{done[0].id} fitness {done[0].fitness}" if done else ""), soft_wrap=True)
+                          + (f", winner #{done[0].id} fitness {_fitness(done[0].fitness)}" if done else ""), soft_wrap=True)
     if not journal:
         out_console.print("no evaluations journaled yet; " + (
             "its search is starting" if run.busy else f"continue with: evomerge resume {run_dir}"), soft_wrap=True)
         return
     ranking = ranked(journal, space.objective.directions)
     several = len(names) > 1
-    # ranked by the first objective, as export picks "the best"; with several, the Pareto front is marked
-    grid = Table(title=f"best {top} by {names[0]} (validation)" + ("; ✓ = on the Pareto front" if several else ""))
-    for col in ["rank", "id", *names, *(["Pareto"] if several else []), "decoder layers", "seconds"]:
-        grid.add_column(col, justify="right")
-    front = pareto_mask([e.fitness for e in ranking], space.objective.directions) if several and ranking else []
-    for rank, e in enumerate(ranking[:top], 1):
-        grid.add_row(str(rank), str(e.id), *(f"{v:.4f}" for v in e.fitness),
-                     *(["✓" if front[rank - 1] else ""] if several else []),
-                     f"{e.metrics.get('merge/num_layers', 0):.0f}", f"{e.seconds:.1f}")
-    out_console.print(grid)
-    if several and ranking:
-        members = [f"#{e.id}" for e, on in zip(ranking, front) if on]
-        out_console.print(f"Pareto front ({len(members)}): {', '.join(members)}", soft_wrap=True, highlight=False)
+    if ranking:
+        # ranked as export picks "the best" (runner.rank_key); with several objectives, the Pareto front is marked
+        grid = Table(title=f"best {min(top, len(ranking))} by {', then '.join(names)} (validation)"
+                     + ("; ✓ = on the Pareto front" if several else ""))
+        for col in ["rank", "id", *names, *(["Pareto"] if several else []), "decoder layers", "seconds"]:
+            grid.add_column(col, justify="right")
+        front = pareto_mask([e.fitness for e in ranking], space.objective.directions) if several else []
+        for rank, e in enumerate(ranking[:top], 1):
+            grid.add_row(str(rank), str(e.id), *(f"{v:.4f}" for v in e.fitness),
+                         *(["✓" if front[rank - 1] else ""] if several else []),
+                         f"{e.metrics.get('merge/num_layers', 0):.0f}", f"{e.seconds:.1f}")
+        out_console.print(grid)
+        if several:
+            members = [f"#{e.id} (rank {rank})" for rank, (e, on) in enumerate(zip(ranking, front), 1) if on]
+            out_console.print(f"Pareto front ({len(members)}): {', '.join(members)}; export one with "
+                              f"evomerge export {run_dir} OUT --id N", soft_wrap=True, highlight=False)
     for e in failed[-3:]:
         out_console.print(f"[red]#{e.id} {e.status}[/]: {e.error}", soft_wrap=True, highlight=False)
     last_stage = run.path in (top_run.path, stage_dir(top_run, 1).path)
@@ -491,7 +508,8 @@ def report_cmd(
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     out_dir: Path = typer.Argument(..., help="Output Hugging Face model directory."),
-    rank: int = typer.Option(1, "--rank", help="Which candidate: 1 = best, 2 = second best, ..."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Which candidate by rank: 1 = best (the default), 2 = second best, ..."),
+    candidate: Optional[int] = typer.Option(None, "--id", help="Which candidate by id (as status and the journal number them), failed ones included."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists (only after the new model is complete)."),
     score: bool = typer.Option(True, "--score/--no-score", help="Score the export on the test split for the model card."),
 ) -> None:
@@ -506,9 +524,14 @@ def export_cmd(
     from evomerge.run.staged import latest_run
 
     run = latest_run(RunDir.open(run_dir))
+    _warn_unreadable(run)
     with console.status("exporting") as st:
-        scores = export_run(run, out_dir, rank=rank, force=force, score=score, progress=st.update)
+        scores = export_run(run, out_dir, rank=rank, candidate=candidate, force=force, score=score,
+                            progress=st.update)
     _exported(f"candidate #{scores['candidate']} exported to [bold]{out_dir}[/]", scores)
+    if scores.get("status"):
+        console.print(f"[yellow]candidate #{scores['candidate']} has no score from the search "
+                      f"({scores['status']})[/]: its recipe is exported as written", highlight=False)
 
 
 def _print_genome(space) -> None:

@@ -189,10 +189,30 @@ def test_status_of_a_multi_objective_run_marks_its_pareto_front(runs):
     result = subprocess.run([*EVOMERGE, "status", str(run.path), "--top", "99"], capture_output=True, text=True,
                             timeout=120, check=False)
     text = " ".join(result.stdout.split())
-    ok = sorted((e for e in run.journal() if e.ok and not e.screened), key=lambda e: (-e.fitness[0], e.id))
-    front = [f"#{e.id}" for e, on in zip(ok, pareto_mask([e.fitness for e in ok], ["maximize", "minimize"])) if on]
-    assert result.returncode == 0 and "best 99 by exact_match (validation); ✓ = on the Pareto front" in text
+    # ties on the first objective go to the second (fewer layers), then to the earlier id
+    ok = sorted((e for e in run.journal() if e.ok and not e.screened), key=lambda e: (-e.fitness[0], e.fitness[1], e.id))
+    mask = pareto_mask([e.fitness for e in ok], ["maximize", "minimize"])
+    front = [f"#{e.id} (rank {rank})" for rank, (e, on) in enumerate(zip(ok, mask), 1) if on]
+    assert mask[0]  # the best is on the front
+    assert result.returncode == 0
+    assert f"best {len(ok)} by exact_match, then layers (validation); ✓ = on the Pareto front" in text
     assert f"Pareto front ({len(front)}): {', '.join(front)}" in text
+
+
+def test_the_best_of_several_objectives_is_on_the_pareto_front():
+    from evomerge.run.rundir import Evaluation
+    from evomerge.run.runner import better, ranked
+
+    def ev(i, *fitness, status="ok"):
+        return Evaluation(id=i, genes={}, x=[], recipe={}, metrics={}, fitness=list(fitness), status=status)
+
+    # #0 ties #3 on accuracy and loses on layers: ranking by the first objective alone put #0 first
+    evaluations = [ev(0, 0.5, 8), ev(1, 0.4, 2), ev(2, 0.9, 9, status="failed"), ev(3, 0.5, 4), ev(4, 0.5, 4)]
+    best = ranked(evaluations, ["maximize", "minimize"])
+    assert [e.id for e in best] == [3, 4, 0, 1]
+    assert pareto_mask([e.fitness for e in best], ["maximize", "minimize"])[0]
+    assert better(evaluations[3], evaluations[0], ["maximize", "minimize"])
+    assert not better(evaluations[4], evaluations[3], ["maximize", "minimize"])  # equal: the earlier id stays
 
 
 def test_runs_with_different_objectives_plot_each_on_its_own_axis(runs, tiny_zoo, tmp_path, monkeypatch):
@@ -202,13 +222,20 @@ def test_runs_with_different_objectives_plot_each_on_its_own_axis(runs, tiny_zoo
                      fitness=[{"name": "layers", "direction": "minimize", "metrics": ["merge/num_layers"]}])
     figures = {}
     real = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, file: figures.setdefault(file.name, fig) and real(fig, file))
+    monkeypatch.setattr(plots, "_save", lambda fig, file: figures.update({file.name: fig}) or real(fig, file))
     write_report([runs["parameter"].path, layers.path, runs["dataflow"].path], tmp_path / "compare")
     axes = [ax for ax in figures["progress.png"].axes if ax.get_xlabel() == "full evaluation"]
     assert [ax.get_ylabel() for ax in axes] == ["exact_match", "layers"]
     # per row, the runs that have that objective: a curve (step line) each
     assert [sorted(line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_"))
             for ax in axes] == [["dfs", "ties"], ["dfs", "layers"]]
+    # an objective named like another but defined otherwise (here: another metric) gets a row of its own
+    other = _search(tiny_zoo, tmp_path, "other", budget=2, genome={"type": "parameter", "method": "ties"},
+                    fitness=[{"name": "exact_match", "direction": "maximize", "metrics": ["zoo_copy/exact_match"],
+                              "aggregate": "sum"}])
+    write_report([runs["parameter"].path, other.path], tmp_path / "clash")
+    axes = [ax for ax in figures["progress.png"].axes if ax.get_xlabel() == "full evaluation"]
+    assert [ax.get_ylabel() for ax in axes] == ["exact_match (ties)", "exact_match (other)"]
 
 
 def test_journal_without_times_still_reports(runs, tmp_path):
@@ -231,28 +258,78 @@ def test_corrupt_lines_are_skipped_and_counted(runs, tmp_path):
     lines = run.journal_file.read_text().splitlines()
     # valid JSON of the wrong shape counts as unreadable too: a word for a fitness, genes that are not a
     # mapping, a start time that is not a number, a NaN fitness (which would rank first or last at random)
+    # and so does a fitness with another number of objectives than the run's, and a repeated candidate id
     second = json.loads(lines[1])
     wrong = [json.dumps({**second, **change}) for change in
-             ({"fitness": ["abc"]}, {"genes": "x"}, {"started": "yesterday"}, {"fitness": [float("nan")]})]
+             ({"fitness": ["abc"]}, {"genes": "x"}, {"started": "yesterday"}, {"fitness": [float("nan")]},
+              {"fitness": [0.9, 4.0]}, {"id": json.loads(lines[0])["id"], "fitness": [1.0]})]
     run.journal_file.write_text("\n".join([lines[0], "{not json", *lines[2:], *wrong, '{"id": 99, "genes"']))
     result = subprocess.run([*EVOMERGE, "report", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 6 unreadable line(s)" in result.stderr and "lines 2, 6, 7, 8, 9 and 1 more" in result.stderr
+    assert "skipped 8 unreadable line(s)" in result.stderr and "lines 2, 6, 7, 8, 9 and 3 more" in result.stderr
     assert result.stdout.strip() == str(run.path / "report" / "summary.md")
     text = (run.path / "report" / "summary.md").read_text()
-    assert "skipped 6 unreadable line(s) (lines 2, 6, 7, 8, 9 and 1 more)" in text
+    assert "skipped 8 unreadable line(s) (lines 2, 6, 7, 8, 9 and 3 more)" in text
     readable = [json.loads(x) for i, x in enumerate(lines) if i != 1]
     ok = [e for e in readable if e["status"] == "ok"]
     best = max(ok, key=lambda e: (e["fitness"][0], -e["id"]))
     assert _overview_row(run.path / "report", "damaged")[3:9] == [
         f"{len(readable)}/5", str(len(ok)), "0", "0", "0", f"exact_match {number(best['fitness'][0])} (#{best['id']})"]
     status = subprocess.run([*EVOMERGE, "status", str(run.path)], capture_output=True, text=True, timeout=120, check=False)
-    assert status.returncode == 0 and "skipped 6 unreadable journal line(s)" in " ".join(status.stderr.split())
-    # export reads it the same way: the best readable candidate
+    assert status.returncode == 0 and "skipped 8 unreadable journal line(s)" in " ".join(status.stderr.split())
+    # export reads it the same way, and says so: the best readable candidate
     export = subprocess.run([*EVOMERGE, "export", str(run.path), str(tmp_path / "out"), "--no-score"],
                             capture_output=True, text=True, timeout=300, check=False)
     assert export.returncode == 0, export.stderr[-2000:]
+    assert "skipped 8 unreadable journal line(s)" in " ".join(export.stderr.split())
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["candidate"] == best["id"]
+    # resume refuses the repeated id, naming both lines
+    run.journal_file.write_text("\n".join([*lines, wrong[-1]]) + "\n")
+    with pytest.raises(EvomergeError, match=rf"line {len(lines) + 1} repeats candidate #{json.loads(lines[0])['id']} of line 1"):
+        run.journal()
+
+
+def test_a_config_edited_after_the_start_is_refused_by_every_view(runs, tmp_path):
+    """status, report and export rank with the frozen objective, as resume does: an edit is one message."""
+    run = RunDir(tmp_path / "edited")
+    shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
+    run.config_file.write_text(run.config_file.read_text().replace("direction: maximize", "direction: minimize"))
+    for args in (["status", run.path], ["report", run.path], ["export", run.path, tmp_path / "out"],
+                 ["resume", run.path]):
+        result = subprocess.run([*EVOMERGE, *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
+        text = " ".join(result.stderr.split())
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert "objective.fitness was changed after the run started" in text, (args, text)
+    assert not (tmp_path / "out").exists() and not (run.path / "report").exists()
+
+
+def test_export_by_id_takes_any_journaled_candidate(runs, tmp_path):
+    run = RunDir(tmp_path / "byid")
+    shutil.copytree(runs["parameter"].path, run.path, ignore=shutil.ignore_patterns("report"))
+    lines = [json.loads(x) for x in run.journal_file.read_text().splitlines()]
+    lines[1] |= {"status": "failed", "fitness": None, "error": "out of patience"}
+    run.journal_file.write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+    def export(out, *args):
+        return subprocess.run([*EVOMERGE, "export", str(run.path), str(tmp_path / out), "--no-score", *args],
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    ok = sorted((e for e in lines if e["status"] == "ok"), key=lambda e: (-e["fitness"][0], e["id"]))
+    result = export("ok", "--id", str(ok[-1]["id"]))
+    scores = json.loads((tmp_path / "ok" / "scores.json").read_text())
+    assert result.returncode == 0 and scores["candidate"] == ok[-1]["id"] and scores["rank"] == len(ok)
+    assert "status" not in scores and scores["validation"]["fitness"] == {"exact_match": ok[-1]["fitness"][0]}
+    result = export("failed", "--id", str(lines[1]["id"]))
+    text = " ".join(result.stderr.split())
+    scores = json.loads((tmp_path / "failed" / "scores.json").read_text())
+    assert result.returncode == 0 and f"candidate #{lines[1]['id']} has no score from the search (failed)" in text
+    assert scores["status"] == "failed" and scores["rank"] is None and "fitness" not in scores["validation"]
+    assert "In the search: failed (out of patience); no validation score." in (tmp_path / "failed" / "README.md").read_text()
+    for args, message in ((["--id", "99"], "has journaled no candidate #99"),
+                          (["--id", "0", "--rank", "1"], "give --rank or --id, not both")):
+        result = export("bad", *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_bad_input_is_one_clear_message(runs, tmp_path):

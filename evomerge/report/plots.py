@@ -48,21 +48,24 @@ def _save(fig: Figure, file: Path) -> None:
 def progress(runs: list[ReportRun], file: Path) -> None:
     """Fitness of every full evaluation and the best so far, over evaluations and (when timed) wall time.
 
-    One row per objective name, runs overlaid in their own colour (runs with
-    different objectives each plot into their own rows, never onto another
-    metric's axis); failed evaluations are ticks on the bottom edge.
+    One row per objective, runs overlaid in their own colour: runs share a row
+    when their objectives are defined alike (name, metrics and weights,
+    direction), never when only the names agree; failed evaluations are ticks
+    on the bottom edge.
     """
-    names = list(dict.fromkeys(name for r in runs for name in r.objectives))
-    rows = len(names)
+    fitness = list({f.model_dump_json(): f for r in runs for f in r.space.objective.fitness}.values())
+    names = [f.name if sum(g.name == f.name for g in fitness) == 1 else
+             f"{f.name} ({', '.join(r.label for r in runs if f in r.space.objective.fitness)})" for f in fitness]
+    rows = len(fitness)
     timed = any(r.timed for r in runs)
     cols = 2 if timed else 1
     fig = Figure(figsize=(5.2 * cols, 3.4 * rows), layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    for row, name in enumerate(names):
+    for row, (f, name) in enumerate(zip(fitness, names)):
         for i, run in enumerate(runs):
-            if name not in run.objectives:
+            if f not in run.space.objective.fitness:
                 continue
-            k = run.objectives.index(name)
+            k = run.space.objective.fitness.index(f)
             full = run.full
             values = objective_values(full, k)
             best = best_so_far(values, run.directions[k])

@@ -22,14 +22,25 @@ RECIPE_YAML = "recipe.yaml"
 SCORES = "scores.json"
 
 
-def choose(run: RunDir, rank: int = 1) -> Evaluation:
-    """The ``rank``-th best successful evaluation of ``run`` (1 = best, by the first objective).
+def choose(run: RunDir, rank: int | None = None, candidate: int | None = None) -> Evaluation:
+    """The evaluation of ``run`` to export: candidate id ``candidate``, or the ``rank``-th best successful one
+    (1 = best, ``runner.rank_key``; the default).
 
     Reads the journal as ``status`` does: lines that do not parse (a line being
     written, a damaged one) are skipped, not fatal; only resume needs them all.
     """
-    space = run.space()
-    best = ranked(run.readable_journal()[0], space.objective.directions)
+    if rank is not None and candidate is not None:
+        raise EvomergeError("give --rank or --id, not both")
+    journal = run.readable_journal()[0]
+    if candidate is not None:
+        found = next((e for e in journal if e.id == candidate), None)
+        if found is None:
+            raise EvomergeError(f"--id {candidate}: {run.path} has journaled no candidate #{candidate}")
+        if not found.recipe:
+            raise EvomergeError(f"--id {candidate}: candidate #{candidate} has no recipe ({found.error})")
+        return found
+    rank = 1 if rank is None else rank
+    best = ranked(journal, run.space().objective.directions)
     if not best:
         raise EvomergeError(f"{run.path}: no successful evaluation yet")
     if rank < 1:
@@ -68,19 +79,27 @@ def score_dir(path: Path, evaluators: list[dict], failures: dict[str, str] | Non
     return metrics
 
 
-def export_run(run: RunDir, out: Path, *, rank: int = 1, force: bool = False, score: bool = True,
-               progress: Callable[[str], None] | None = None) -> dict:
-    """Write the chosen candidate to ``out``; returns the scores written to ``scores.json``."""
+def export_run(run: RunDir, out: Path, *, rank: int | None = None, candidate: int | None = None,
+               force: bool = False, score: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+    """Write the chosen candidate (``choose``) to ``out``; returns the scores written to ``scores.json``.
+
+    Their ``rank`` is the candidate's among the successful ones, None for one
+    that failed or was screened out (its ``status`` says which).
+    """
     from evomerge.materialize.export import merge_to_dir
     from evomerge.recipe import Recipe
 
     say = progress or (lambda msg: None)
     space = run.space()
-    chosen = choose(run, rank)
+    chosen = choose(run, rank, candidate)
     recipe = Recipe.model_validate(chosen.recipe)
-    scores: dict = {"candidate": chosen.id, "rank": rank, "genes": chosen.genes,
-                    "validation": {"metrics": chosen.metrics,
-                                   "fitness": dict(zip(space.objective.names, chosen.fitness))}}
+    ids = [e.id for e in ranked(run.readable_journal()[0], space.objective.directions)]
+    scores: dict = {"candidate": chosen.id, "rank": ids.index(chosen.id) + 1 if chosen.id in ids else None,
+                    "genes": chosen.genes, "validation": {"metrics": chosen.metrics}}
+    if chosen.id in ids:
+        scores["validation"]["fitness"] = dict(zip(space.objective.names, chosen.fitness))
+    else:
+        scores["status"] = "screened" if chosen.screened else chosen.status
 
     def finalize(tmp: Path) -> None:
         (tmp / RECIPE_YAML).write_text(recipe.to_yaml())
@@ -120,6 +139,9 @@ def _used_by_sibling_stages(run: RunDir) -> list[Path]:
 
 def _scores_section(run: RunDir, chosen: Evaluation, scores: dict) -> str:
     lines = ["## Search", "", f"Candidate #{chosen.id} of run `{run.path.name}` (evomerge search).", ""]
+    if scores.get("status"):  # exported by id: a candidate the search did not score in full
+        lines += [f"In the search: {'screened out by the surrogate' if chosen.screened else chosen.status}"
+                  + (f" ({chosen.error})" if chosen.error else "") + "; no validation score.", ""]
     lines += ["| metric | validation (searched on) | test |", "|---|---|---|"]
     test = scores.get("test", {}).get("metrics", {})
     for name in sorted(set(chosen.metrics) | set(test)):

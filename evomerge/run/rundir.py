@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -106,6 +107,8 @@ class RunDir:
     def open(cls, path: str | Path) -> RunDir:
         """An existing run directory (for resume, status, export)."""
         path = Path(path)
+        if not path.exists():
+            raise EvomergeError(f"{path}: no such run directory")
         if not (path / CONFIG).is_file():
             raise EvomergeError(f"{path}: not a run directory (no {CONFIG}); start one with `evomerge search`")
         return cls(path)
@@ -151,29 +154,33 @@ class RunDir:
         return self.path / CONFIG
 
     def space(self) -> SearchSpace:
-        """The frozen, resolved search space of this run."""
-        return SearchSpace.from_file(self.config_file)
+        """The frozen, resolved search space of this run.
 
-    def check_unchanged(self) -> None:
-        """Refuse a ``config.yaml`` edited since the run started in anything but its budget or workers.
-
-        Candidates of another genome, method or objective would be told to
-        this optimizer and ranked with this run's results.
+        Refused when ``config.yaml`` was edited since the run started in
+        anything but its budget or workers: candidates of another genome,
+        method or objective would be told to this optimizer, and status,
+        report and export would rank this run's results by another objective.
         """
+        space = SearchSpace.from_file(self.config_file)
         frozen = self.optimizer_dir / FROZEN
         if not frozen.is_file():
-            return  # a run started before the file existed
-        space = self.space()
+            return space  # a run started before the file existed
         try:
             started = json.loads(frozen.read_text())
         except (OSError, ValueError) as exc:
-            raise EvomergeError(f"{frozen}: damaged ({exc}); it records the search as started, so that resume can "
-                                f"refuse an edited {CONFIG}. Restore it, or delete it to resume without that check")
+            raise EvomergeError(f"{frozen}: damaged ({exc}); it records the search as started, so that an edited "
+                                f"{CONFIG} can be refused. Restore it, or delete it to go on without that check")
         key = _first_difference(started, _identity(space))
         if key is not None:
             raise EvomergeError(f"{self.config_file}: {key} was changed after the run started; a run's results "
                                 "come from one search (only budget and workers may change): undo the edit, or "
                                 "start a new run with the edited space")
+        return space
+
+    def check_unchanged(self) -> None:
+        """Refuse a ``config.yaml`` edited since the run started (see ``space``), or whose budget is below
+        the evaluations done."""
+        space = self.space()
         done = sum(1 for e in self.journal() if not e.screened)
         if space.budget < done:
             raise EvomergeError(f"{self.config_file}: budget {space.budget} is below the {done} evaluations this run "
@@ -208,24 +215,33 @@ class RunDir:
 
         A torn last line (the process died mid-write) is dropped with a warning,
         and with ``repair`` cut from the file so appends stay line-aligned. A
-        broken line anywhere else is an error naming the line: history is never
-        silently discarded.
+        broken line anywhere else is an error naming the line, and so is a
+        line repeating a candidate's id (two journals joined): history is never
+        silently discarded or counted twice.
         """
         data = self._journal_bytes()
         lines = data.split(b"\n")
         # Lines are written whole with their newline, so a last piece without one is torn.
         torn = lines.pop() if lines else b""
+        objectives = self._objectives
         out: list[Evaluation] = []
+        seen: dict[int, int] = {}
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             try:
-                evaluation = parse_evaluation(raw)
+                evaluation = parse_evaluation(raw, objectives)
             except (ValueError, TypeError) as exc:
                 raise EvomergeError(
                     f"{self.journal_file}: line {number} is corrupt ({exc}); "
                     "fix or delete that line, then resume again (its evaluation will be re-run)"
                 ) from None
+            if evaluation.id in seen:
+                raise EvomergeError(
+                    f"{self.journal_file}: line {number} repeats candidate #{evaluation.id} of line "
+                    f"{seen[evaluation.id]}; a run journals each candidate once (were two journals joined?). "
+                    "Delete the repeated lines, then resume again")
+            seen[evaluation.id] = number
             out.append(evaluation)
         if torn.strip():
             log.warning("%s: dropping a torn last line (%d bytes); its evaluation will be re-run",
@@ -247,24 +263,39 @@ class RunDir:
     def readable_journal(self) -> tuple[list[Evaluation], list[int]]:
         """Every parseable evaluation and the numbers of the lines that are not (for views, never for resume).
 
-        Status and report must work on a journal that is being written (its last
-        line may be half-written) or was damaged; they show what is readable
-        and say how many lines they skipped, instead of refusing.
+        Status, report and export must work on a journal that is being written
+        (its last line may be half-written) or was damaged; they show what is
+        readable and say how many lines they skipped, instead of refusing. A
+        line repeating an earlier candidate's id is skipped too.
         """
+        objectives = self._objectives
         out: list[Evaluation] = []
         bad: list[int] = []
+        seen: set[int] = set()
         for number, raw in enumerate(self._journal_bytes().splitlines(), 1):
             if not raw.strip():
                 continue
             try:
-                out.append(parse_evaluation(raw))
+                evaluation = parse_evaluation(raw, objectives)
             except (ValueError, TypeError):
                 bad.append(number)
+                continue
+            if evaluation.id in seen:
+                bad.append(number)
+                continue
+            seen.add(evaluation.id)
+            out.append(evaluation)
         return out, bad
 
+    @functools.cached_property
+    def _objectives(self) -> int:
+        """How many objectives the run's fitness vectors hold (fixed for a run: ``space`` refuses edits)."""
+        return len(self.space().objective.directions)
 
-def parse_evaluation(raw: bytes | str) -> Evaluation:
-    """One journal line as an ``Evaluation``; ValueError or TypeError when it is not one."""
+
+def parse_evaluation(raw: bytes | str, objectives: int | None = None) -> Evaluation:
+    """One journal line as an ``Evaluation``; ValueError or TypeError when it is not one (or, given
+    ``objectives``, when its fitness has another length)."""
     evaluation = Evaluation(**json.loads(raw))
     if evaluation.status not in STATUSES:
         raise ValueError(f"unknown status {evaluation.status!r}")
@@ -278,6 +309,8 @@ def parse_evaluation(raw: bytes | str) -> Evaluation:
         raise ValueError("a field holds a value of the wrong type")
     if e.fitness is not None and not all(math.isfinite(v) for v in e.fitness):
         raise ValueError(f"non-finite fitness {e.fitness}")
+    if e.fitness is not None and objectives is not None and len(e.fitness) != objectives:
+        raise ValueError(f"{len(e.fitness)} fitness values for {objectives} objectives")
     return evaluation
 
 

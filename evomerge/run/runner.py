@@ -68,18 +68,20 @@ class RunProgress:
         return 60.0 * self.session_done / elapsed if elapsed > 0 else 0.0
 
 
+def rank_key(e: Evaluation, directions: list[str]) -> tuple:
+    """Sort key of a successful evaluation, best first: its objectives in order, each in its direction, then
+    its id. Ties on the first objective go to the next ones, so the best is always on the Pareto front."""
+    return (*(-v if d == "maximize" else v for v, d in zip(e.fitness, directions)), e.id)
+
+
 def better(a: Evaluation, b: Evaluation | None, directions: list[str]) -> bool:
-    """Whether ``a`` beats ``b`` on the first objective (ties: the earlier id wins)."""
-    if b is None:
-        return True
-    sign = 1.0 if directions[0] == "maximize" else -1.0
-    return sign * a.fitness[0] > sign * b.fitness[0]
+    """Whether ``a`` ranks above ``b`` (``rank_key``)."""
+    return b is None or rank_key(a, directions) < rank_key(b, directions)
 
 
 def ranked(evaluations: list[Evaluation], directions: list[str]) -> list[Evaluation]:
-    """Successful full evaluations (screened ones only have estimates), best first by the first objective."""
-    sign = -1.0 if directions[0] == "maximize" else 1.0
-    return sorted((e for e in evaluations if e.ok and not e.screened), key=lambda e: (sign * e.fitness[0], e.id))
+    """Successful full evaluations (screened ones only have estimates), best first (``rank_key``)."""
+    return sorted((e for e in evaluations if e.ok and not e.screened), key=lambda e: rank_key(e, directions))
 
 
 class Runner:
