@@ -348,7 +348,7 @@ def search(
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (auto, or HOST:PORT of its head; ray://HOST:10001 needs ray[client]) instead of starting a local one."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seed of the optimizer and of DARE masks (overrides the space)."),
     local: bool = typer.Option(False, "--local", help="Evaluate in this process, one worker, without Ray (debugging)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the genome layout and a decoded example, then stop."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (budget, optimizer, objective, run directory), the genes with their bounds and layer groups, and a decoded example; then stop."),
     export: bool = typer.Option(True, "--export/--no-export", help="Export the best model to RUN_DIR/best when done."),
 ) -> None:
     """Evolve merge recipes over a search space and export the best merged model.
@@ -368,10 +368,10 @@ def search(
         with prefixed(str(space_file)):
             space = space.resolved(relative_to=space_file.parent, progress=status.update)
         space.check(str(space_file))
-    if dry_run:
-        _print_genome(space)
-        return
     run_dir = run_dir or Path("runs") / space.name
+    if dry_run:
+        _print_plan(space, run_dir)
+        return
     run = RunDir.create(run_dir, space)
     console.print(f"run directory [bold]{run_dir}[/]")
     try:
@@ -534,22 +534,54 @@ def export_cmd(
                       f"({scores['status']})[/]: its recipe is exported as written", highlight=False)
 
 
-def _print_genome(space) -> None:
+def _print_plan(space, run_dir: Path) -> None:
+    """``search --dry-run``: what would run (budget, optimizer, objective, run dir), the genome's genes and
+    bounds, the layers of each group, and the recipe of the box centre."""
     import numpy as np
 
-    if space.genome.type == "staged":
-        out_console.print("staged genome: stage 1 is a parameter search, stage 2 a data-flow search over its winner")
+    from evomerge.evaluation.objective import evaluator_label
+
+    staged = space.genome.type == "staged"
+    settings = ", ".join(f"{k}={v}" for k, v in space.optimizer.settings.items())
+    out_console.print(f"search {space.name}: {space.budget} evaluations, optimizer {space.optimizer.name}"
+                      + (f" ({settings})" if settings else "") + f", seed {space.seed}, {space.workers} worker(s), "
+                      f"run directory {run_dir}", soft_wrap=True, highlight=False)
+    for f in space.objective.fitness:
+        metrics = ", ".join(m if w == 1 else f"{w:g}×{m}" for m, w in f.metrics.items())
+        out_console.print(f"objective: {f.direction} {f.name} = {f.aggregate} of {metrics}", soft_wrap=True,
+                          highlight=False)
+    for spec in space.objective.evaluators:
+        settings = "; ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                             for k, v in spec.items() if k not in ("type", "name"))
+        out_console.print(f"evaluator {evaluator_label(spec)}: {settings}", soft_wrap=True, highlight=False,
+                          markup=False)
+    if space.surrogate:
+        out_console.print(f"screening: {space.surrogate.direction} {', '.join(space.surrogate.metrics)}, the best "
+                          f"{space.surrogate.keep:g} of each batch evaluated in full", soft_wrap=True, highlight=False)
+    if staged:
+        out_console.print(f"staged genome: stage 1 is a parameter search ({space.genome.parameter_budget} "
+                          f"evaluations), stage 2 a data-flow search over its winner and the sources "
+                          f"({space.budget - space.genome.parameter_budget} evaluations)", soft_wrap=True)
         genome = space.stage(0).build_genome()
     else:
         genome = space.build_genome()
-    grid = Table(title=f"genome: {genome.dim} genes ({space.genome.type})")
+    grid = Table(title=f"{'stage 1 ' if staged else ''}genome: {genome.dim} genes")
     for col in ("#", "gene", "low", "high"):
         grid.add_column(col)
     for i, g in enumerate(genome.genes):
-        grid.add_row(str(i), g.name, f"{g.low:g}", f"{g.high:g}")
+        grid.add_row(str(i), escape(g.name), f"{g.low:g}", f"{g.high:g}")
     out_console.print(grid)
+    groups = getattr(genome, "groups", None)
+    if groups:
+        out_console.print("layer groups: " + ", ".join(f"g{g} = {_ranges(layers)}" for g, layers in enumerate(groups)),
+                          highlight=False)
     out_console.print("decoded example (every gene at 0.5):")
-    out_console.print(genome.decode(np.full(genome.dim, 0.5)).to_yaml(), highlight=False)
+    out_console.print(genome.decode(np.full(genome.dim, 0.5)).to_yaml(), highlight=False, markup=False)
+
+
+def _ranges(layers: list[int]) -> str:
+    """``layers 0-1`` or ``layer 3`` for a run of consecutive layer indices."""
+    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
 
 
 def _print_table(title: str, table: dict[str, dict[str, float]], tasks: list[str]) -> None:

@@ -156,7 +156,7 @@ class Recipe(_Strict):
     @classmethod
     def from_yaml(cls, text: str, source: str = "<recipe>") -> Recipe:
         """Parse and validate mergekit YAML; errors name the line and key at fault."""
-        return validate(cls, parse_yaml(text, source), text, source)
+        return validate(cls, parse_yaml(text, source, "merge_method"), text, source)
 
     @classmethod
     def from_file(cls, path) -> Recipe:

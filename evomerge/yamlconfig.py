@@ -35,8 +35,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_yaml(text: str, source: str) -> dict:
-    """Parse a YAML mapping, naming the line of a syntax error or of a key given twice."""
+#: the top-level key that marks each kind of evomerge YAML, what that kind is, and the command that reads it
+KINDS = {
+    "merge_method": ("a merge config", "evomerge merge FILE OUT_DIR"),
+    "genome": ("a search space", "evomerge search FILE"),
+    "tasks": ("an AdaMerging config", "evomerge adamerge FILE"),
+}
+
+
+def parse_yaml(text: str, source: str, kind: str | None = None) -> dict:
+    """Parse a YAML mapping, naming the line of a syntax error or of a key given twice.
+
+    ``kind`` (a key of ``KINDS``): a file of another kind, say a merge config
+    given to ``search``, is one message saying what it is and which command reads it.
+    """
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -45,6 +57,11 @@ def parse_yaml(text: str, source: str) -> dict:
         raise EvomergeError(f"{source}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise EvomergeError(f"{source}: expected a mapping of settings at the top level")
+    if kind is not None and kind not in data:
+        for key, (what, command) in KINDS.items():
+            if key != kind and key in data:
+                raise EvomergeError(f"{source}: this is {what} (it has {key!r}), not {KINDS[kind][0]}; "
+                                    f"run it with `{command}`")
     return data
 
 

@@ -216,6 +216,7 @@ def test_export_scores_only_what_has_a_test_split(tiny_zoo, tmp_path, reference_
                    "tasks": ["zoo_rev_val"]},
                   {"type": "entropy", "path": str(tiny_zoo.tasks_dir / "unlabeled.jsonl"), "limit": 4}]
     run.save_space(space.model_copy(update={"objective": space.objective.model_copy(update={"evaluators": evaluators})}))
+    (run.optimizer_dir / "space.json").unlink()  # as if the run had started with these evaluators
     scores = export_run(run, tmp_path / "out")
     test = scores["test"]
     assert set(test["unscored"]) == {"val_only", "entropy"}
@@ -234,7 +235,9 @@ def test_cli_refuses_an_existing_run_and_resume_needs_one(tiny_zoo, tmp_path, re
     result = _run_cli("search", space, "--run-dir", tmp_path / "afile")
     assert result.returncode == 2 and "afile: is a file, not a directory" in result.stderr
     result = _run_cli("resume", tmp_path / "nothing")
-    assert result.returncode == 2 and "not a run directory" in result.stderr
+    assert result.returncode == 2 and "nothing: no such run directory" in result.stderr
+    result = _run_cli("resume", tmp_path)
+    assert result.returncode == 2 and "not a run directory (no config.yaml)" in result.stderr
     result = _run_cli("resume", reference_run[0].path, "--budget", "3")
     assert result.returncode == 2 and "can only grow" in result.stderr
 

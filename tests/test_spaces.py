@@ -58,10 +58,67 @@ def test_default_genes_follow_the_method(tiny_zoo, tmp_path):
     ({"type": "parameter", "method": "ties", "genes": {"t": [0, 1]}}, "ties has no parameter 't'"),
     ({"type": "parameter", "method": "model_stock"}, "cannot be searched"),
     ({"type": "parameter", "method": "ties", "layer_groups": 9}, "exceeds the models' 2 layers"),
+    ({"type": "parameter", "method": "ties", "genes": {"weight": [0, float("inf")]}}, "must be finite numbers"),
+    ({"type": "parameter", "method": "ties", "genes": {}}, "genes: none to search"),
+    ({"type": "parameter", "method": "ties", "parameters": {"normalise": False}}, "ties has no parameter 'normalise'"),
+    ({"type": "parameter", "method": "della", "genes": {"density": [0.1, 0.9]}},
+     "with epsilon up to 0.15, density bounds [0.1, 0.9] reach outside (0.15, 0.85)"),
+    ({"type": "parameter", "method": "della", "genes": {"density": [0.3, 0.6], "epsilon": [0, 0.4]}},
+     "with epsilon up to 0.4, density bounds [0.3, 0.6] reach outside"),
+    ({"type": "parameter", "method": "ties", "layer_groups": True}, "Input should be a valid integer"),
+    ({"type": "dataflow", "scale_bounds": [0, 1]}, "scales must be positive"),
 ])
 def test_bad_genomes_are_named(tiny_zoo, tmp_path, genome, message):
     with pytest.raises(EvomergeError, match=re.escape(message)):
         load(tiny_space(tiny_zoo, tmp_path, genome=genome)).build_genome()
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_density_defaults_fit_its_epsilon(tiny_zoo, tmp_path, method):
+    """DELLA needs 0 < density - epsilon and density + epsilon < 1: the default density bounds keep every
+    candidate inside, so none fails for a setting the space chose."""
+    genome = load(tiny_space(tiny_zoo, tmp_path, genome={"type": "parameter", "method": method})).build_genome()
+    assert {g.name.split(".")[1]: (g.low, g.high) for g in genome.genes}["density"] == (0.2, 0.8)
+    fixed = load(tiny_space(tiny_zoo, tmp_path, genome={"type": "parameter", "method": method,
+                                                         "parameters": {"epsilon": 0.05}})).build_genome()
+    assert {g.name.split(".")[1]: (g.low, g.high) for g in fixed.genes}["density"] == (0.1, 0.9)
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"lambda": "one"}, "parameter 'lambda' must be a number, got 'one'"),
+    ({"normalize": "nope"}, "parameter 'normalize' must be true or false, got 'nope'"),
+])
+def test_fixed_parameters_are_planned_when_the_space_is_read(tiny_zoo, tmp_path, parameters, message):
+    space = load(tiny_space(tiny_zoo, tmp_path, genome={"type": "parameter", "method": "ties",
+                                                        "parameters": parameters}))
+    with pytest.raises(EvomergeError, match=r"tiny\.yaml: genome: parameters: .*" + re.escape(message)):
+        space.check("tiny.yaml")
+
+
+def test_a_source_listed_twice_and_other_kinds_of_yaml_are_refused(tiny_zoo, tmp_path):
+    path = tiny_space(tiny_zoo, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["models"]["sources"].append(data["models"]["sources"][0])
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvomergeError, match=r"models.sources\[3\]: '.*copy' is models.sources\[0\] again"):
+        load(path)
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("merge_method: ties\nbase_model: a\nmodels: [{model: b}]\n")
+    with pytest.raises(EvomergeError, match=r"merge.yaml: this is a merge config .*run it with `evomerge merge"):
+        SearchSpace.from_file(merge)
+
+
+def test_labels_of_models_with_one_directory_name_stay_distinct(tiny_zoo, tmp_path):
+    from evomerge.spaces.models import open_pool
+
+    paths = []
+    for parent, name, member in (("m1", "a", "base"), ("m2", "a3", "copy"), ("m3", "a", "rev"), ("m4", "a", "sort")):
+        (tmp_path / parent).mkdir()
+        (tmp_path / parent / name).symlink_to(tiny_zoo.models[member])
+        paths.append(str(tmp_path / parent / name))
+    base, sources = open_pool(paths[0], paths[1:])
+    # the third "a" would have been "a3" (its position), the name of the second model
+    assert [base.label, *(m.label for m in sources)] == ["a", "a3", "a2", "a4"]
 
 
 def test_space_errors_name_file_line_and_key(tiny_zoo, tmp_path):

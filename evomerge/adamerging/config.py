@@ -61,7 +61,7 @@ class AdaMergingConfig(AdaMergingSettings):
     def from_file(cls, path: str | Path) -> AdaMergingConfig:
         """Read and validate an AdaMerging YAML file."""
         text = read_text(path)
-        return validate(cls, parse_yaml(text, str(path)), text, str(path))
+        return validate(cls, parse_yaml(text, str(path), "tasks"), text, str(path))
 
     @property
     def settings(self) -> AdaMergingSettings:

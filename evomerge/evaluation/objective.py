@@ -203,6 +203,6 @@ class Surrogate(Fitness):
     direction: Literal["maximize", "minimize"] = "minimize"
     evaluators: list[dict[str, Any]] = Field(min_length=1)
     keep: float = Field(0.5, gt=0, le=1)
-    batch: int | None = Field(None, ge=2)
+    batch: int | None = Field(None, ge=2, strict=True)
 
     _typed = field_validator("evaluators")(Objective._typed.__func__)

@@ -40,7 +40,7 @@ class DataflowGenomeConfig(BaseModel):
     type: Literal["dataflow"] = "dataflow"
     #: model providing embeddings, first/last blocks, final norm and lm_head (default: the base).
     anchor: str | None = None
-    repeats: int = Field(2, ge=1)
+    repeats: int = Field(2, ge=1, strict=True)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     scales: Literal["pair", "slot", "none"] = "pair"
     scale_bounds: tuple[float, float] = (0.5, 1.5)
@@ -75,6 +75,8 @@ class DataflowGenome(Genome):
         if config.dtype is not None and config.dtype not in DTYPES:
             raise EvomergeError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         check_bounds("scale", config.scale_bounds, (0.0, float("inf")))
+        if config.scale_bounds[0] <= 0:  # a layer's output projection is divided by the scales before it
+            raise EvomergeError(f"scale_bounds {list(config.scale_bounds)}: scales must be positive")
         self.config = config
         by_path = {m.path: m for m in [base, *sources]}
         anchor = base.path if config.anchor is None else config.anchor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -68,6 +69,8 @@ class Genome(ABC):
 def check_bounds(name: str, bounds: tuple[float, float], allowed: tuple[float, float] | None = None) -> None:
     """Reject empty or out-of-range gene bounds with a message naming the gene."""
     low, high = bounds
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise EvomergeError(f"gene {name}: bounds [{low}, {high}] must be finite numbers")
     if not low < high:
         raise EvomergeError(f"gene {name}: bounds [{low}, {high}] are empty; give [low, high] with low < high")
     if allowed is not None and (low < allowed[0] or high > allowed[1]):

@@ -39,10 +39,14 @@ class PoolModel:
 def open_pool(base: str, sources: list[str]) -> tuple[PoolModel, list[PoolModel]]:
     """Open base and sources; all must share architecture, width and vocabulary."""
     labels: list[str] = []
+    names = [Path(p).name or "model" for p in (base, *sources)]
 
     def label_for(path: str) -> str:
+        # a directory name seen before gets a number, one that no other model is called (org1/m, org2/m, x/m3)
         name = Path(path).name or "model"
-        label = name if name not in labels else f"{name}{len(labels)}"
+        label, k = name, len(labels)
+        while label in labels or (label != name and label in names):
+            label, k = f"{name}{k}", k + 1
         labels.append(label)
         return label
 

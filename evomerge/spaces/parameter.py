@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
-from evomerge.methods.registry import get_method
+from evomerge.methods.registry import MergeMethod, check_params, get_method
 from evomerge.recipe import DTYPES, InputModel, Recipe
 from evomerge.spaces.genome import Gene, Genome, check_bounds
 from evomerge.spaces.models import PoolModel
@@ -38,7 +38,7 @@ class ParameterGenomeConfig(BaseModel):
 
     type: Literal["parameter"] = "parameter"
     method: str = "ties"
-    layer_groups: int = Field(1, ge=1)
+    layer_groups: int = Field(1, ge=1, strict=True)
     #: gene name -> [low, high]; default: the method's weight/density/t with DEFAULT_BOUNDS.
     genes: dict[str, tuple[float, float]] | None = None
     #: fixed (not searched) method-wide parameters, e.g. {normalize: true, lambda: 1.0}.
@@ -72,11 +72,11 @@ class ParameterGenome(Genome):
                 )
         if config.layer_groups > self.num_layers:
             raise EvomergeError(f"layer_groups {config.layer_groups} exceeds the models' {self.num_layers} layers")
+        valid = set(method.source_params) | set(method.global_params)
+        check_params(method, list(config.parameters), "parameters")
         searched = config.genes
         if searched is None:
-            params = set(method.source_params) | set(method.global_params)
-            searched = {k: v for k, v in DEFAULT_BOUNDS.items() if k in params}
-        valid = set(method.source_params) | set(method.global_params)
+            searched = {k: v for k, v in DEFAULT_BOUNDS.items() if k in valid}
         for name, bounds in searched.items():
             if name not in valid:
                 raise EvomergeError(
@@ -85,7 +85,12 @@ class ParameterGenome(Genome):
             check_bounds(name, bounds, VALID_RANGE.get(name))
         clash = sorted(set(searched) & set(config.parameters))
         if clash:
-            raise EvomergeError(f"genome: {clash[0]!r} is both searched (genes) and fixed (parameters)")
+            raise EvomergeError(f"{clash[0]!r} is both searched (genes) and fixed (parameters)")
+        if "epsilon" in valid:
+            searched = _della_density(searched, config, method)
+        if not searched:
+            raise EvomergeError("genes: none to search; give at least one parameter with [low, high] bounds, "
+                                "or leave genes out for the method's defaults")
         self.per_source = [k for k in searched if k in method.source_params]
         self.per_group = [k for k in searched if k not in method.source_params]
         groups = config.layer_groups
@@ -93,6 +98,24 @@ class ParameterGenome(Genome):
         self.genes = [
             Gene(f"{m.label}.{p}{suffix(g)}", *searched[p]) for m in sources for p in self.per_source for g in range(groups)
         ] + [Gene(f"{p}{suffix(g)}", *searched[p]) for p in self.per_group for g in range(groups)]
+
+    def check_plan(self) -> None:
+        """Plan the recipe of the box centre against the models' headers: fixed ``parameters`` of the wrong
+        kind (a word for ``lambda``) or range are refused before a run, not by every candidate."""
+        import numpy as np
+
+        from evomerge.materialize.plan import plan_merge
+
+        models = {m.path: m.dir for m in (self.base, *self.sources)}
+        plan_merge(self.decode(np.full(self.dim, 0.5)), models, where="parameters")
+
+    @property
+    def groups(self) -> list[list[int]] | None:
+        """The decoder layers of each layer group (None for a single group)."""
+        groups, layers = self.config.layer_groups, self.num_layers
+        if groups == 1:
+            return None
+        return [[i for i in range(layers) if i * groups // layers == g] for g in range(groups)]
 
     def _per_layer(self, group_values: list[float]) -> float | list[float]:
         """A scalar for one group, else one gradient anchor per layer holding its group's value."""
@@ -124,3 +147,23 @@ class ParameterGenome(Genome):
             dtype=self.config.dtype,
             random_seed=self.seed if self.method.random else None,
         )
+
+
+def _della_density(searched: dict[str, tuple[float, float]], config: ParameterGenomeConfig,
+                   method: MergeMethod) -> dict[str, tuple[float, float]]:
+    """Density bounds that DELLA accepts with every epsilon of the space (0 < density - epsilon and
+    density + epsilon < 1): the default ones are narrowed to fit, given ones that do not fit are refused."""
+    fixed = config.parameters.get("epsilon", method.source_params["epsilon"])
+    eps = searched["epsilon"][1] if "epsilon" in searched else fixed
+    if not isinstance(eps, (int, float)) or "density" not in searched:
+        return searched  # a gradient or filter list, or a fixed density: planning checks it per tensor
+    low, high = searched["density"]
+    if config.genes is None or "density" not in config.genes:
+        low, high = max(low, eps + 0.05), min(high, 1 - eps - 0.05)
+        if low < high:
+            return {**searched, "density": (round(low, 6), round(high, 6))}
+    if not (low > eps and high + eps < 1):
+        raise EvomergeError(f"genes: {config.method} needs 0 < density - epsilon and density + epsilon < 1; with "
+                            f"epsilon up to {eps}, density bounds [{low}, {high}] reach outside "
+                            f"({eps}, {round(1 - eps, 6)}): give density bounds inside it, or a smaller epsilon")
+    return searched

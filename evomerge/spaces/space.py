@@ -33,7 +33,7 @@ from evomerge.evaluation.objective import Objective, Surrogate
 from evomerge.spaces.dataflow import DataflowGenomeConfig
 from evomerge.spaces.genome import Genome
 from evomerge.spaces.models import PoolModel, open_pool, resolve_ref
-from evomerge.spaces.parameter import ParameterGenomeConfig
+from evomerge.spaces.parameter import ParameterGenome, ParameterGenomeConfig
 from evomerge.yamlconfig import parse_yaml, read_text, validate, with_overrides
 
 #: Evaluator settings that name files or directories (resolved like model references).
@@ -58,7 +58,7 @@ class StagedGenomeConfig(_Strict):
     parameter: ParameterGenomeConfig
     dataflow: DataflowGenomeConfig
     #: evaluations given to the parameter stage; the rest of ``budget`` goes to the data-flow stage.
-    parameter_budget: int = Field(gt=0)
+    parameter_budget: int = Field(gt=0, strict=True)
 
 
 class OptimizerConfig(_Strict):
@@ -85,10 +85,10 @@ class SearchSpace(_Strict):
     #: optional screening of asked batches by a cheap score (see ``evomerge.run.screening``)
     surrogate: Surrogate | None = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    budget: int = Field(gt=0)
-    workers: int = Field(1, ge=1)
+    budget: int = Field(gt=0, strict=True)
+    workers: int = Field(1, ge=1, strict=True)
     #: optimizers (pycma, Optuna) take seeds in [0, 2**32)
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, lt=2**32, strict=True)
     #: where workers merge and evaluate: cuda when the cluster has GPUs, else cpu (default: auto).
     device: Literal["cpu", "cuda"] | None = None
     #: where each worker keeps the source weights (see ``evomerge.materialize.placement``): auto picks
@@ -115,7 +115,7 @@ class SearchSpace(_Strict):
     def from_file(cls, path: str | Path) -> SearchSpace:
         """Read and validate a search-space YAML file."""
         text = read_text(path)
-        return validate(cls, parse_yaml(text, str(path)), text, str(path))
+        return validate(cls, parse_yaml(text, str(path), "genome"), text, str(path))
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
         """A copy with CLI overrides (``None`` values ignored), validated again."""
@@ -132,6 +132,11 @@ class SearchSpace(_Strict):
         data = self.model_dump(mode="json")
         data["models"] = {"base": ref(self.models.base, "models.base"),
                           "sources": [ref(s, f"models.sources[{i}]") for i, s in enumerate(self.models.sources)]}
+        sources = data["models"]["sources"]
+        for j, path in enumerate(sources):
+            if path in sources[:j]:
+                raise EvomergeError(f"models.sources[{j}]: {self.models.sources[j]!r} is models.sources"
+                                    f"[{sources.index(path)}] again; list each source once")
         genome = data["genome"]
         for g in (genome, genome.get("dataflow") or {}):
             if g.get("anchor"):
@@ -169,6 +174,8 @@ class SearchSpace(_Strict):
         staged = isinstance(self.genome, StagedGenomeConfig)
         with at("genome.parameter" if staged else "genome"):
             genome = self.stage(0).build_genome() if staged else self.build_genome()
+            if isinstance(genome, ParameterGenome):
+                genome.check_plan()
         if staged:
             # the data-flow stage also merges stage 1's winner, unknown until then: checked over the sources
             with at("genome.dataflow"):
