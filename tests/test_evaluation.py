@@ -162,6 +162,12 @@ def test_python_evaluator_and_its_failures(live, tmp_path):
         build_evaluator({"type": "python", "function": "no_colon"})
     with pytest.raises(EvomergeError, match="kwargs must be a mapping"):
         build_evaluator({"type": "python", "function": f"{plugin}:score", "kwargs": [1, 2]})
+    # a misspelt argument is found when the evaluator is built (the space is read), not by every candidate
+    with pytest.raises(EvomergeError, match=r"score cannot be called as function\(model, tokenizer, scael=\.\.\.\): "
+                                            r".*unexpected keyword argument 'scael'"):
+        build_evaluator({"type": "python", "function": f"{plugin}:score", "kwargs": {"scael": 2.0}})
+    with pytest.raises(EvomergeError, match="cannot be called as function"):
+        build_evaluator({"type": "python", "function": f"{plugin}:text", "kwargs": {"scale": 2.0}})
 
 
 def test_evaluator_configs_are_validated():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 import sys
 from pathlib import Path
@@ -54,6 +55,15 @@ class PythonEvaluator(Evaluator):
         self.function = load_function(function)
         self.ref = function
         self.kwargs = dict(kwargs or {})
+        try:
+            signature = inspect.signature(self.function)
+        except (TypeError, ValueError):  # a callable without one (a builtin): found out at the first call
+            return
+        try:
+            signature.bind(None, None, **self.kwargs)
+        except TypeError as exc:  # a misspelt argument would otherwise fail every candidate of the search
+            raise EvomergeError(f"python evaluator: {function} cannot be called as function(model, tokenizer"
+                                + "".join(f", {k}=..." for k in self.kwargs) + f"): {exc}") from None
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         try:
