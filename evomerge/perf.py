@@ -29,3 +29,16 @@ def keep_freed_memory() -> bool:
         return False
     log.debug("glibc mallopt applied: %s", ok)
     return ok
+
+
+def release_freed_memory() -> None:
+    """Return the memory freed so far to the OS (glibc's ``malloc_trim``).
+
+    For when a large working set is gone for good, such as a search worker's
+    pool once the search is over: ``keep_freed_memory`` would otherwise keep it
+    in the process while the best model is exported. A no-op where glibc is absent.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

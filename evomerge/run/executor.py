@@ -8,6 +8,7 @@ reported so the runner can replace it and retry its candidate.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -105,6 +106,15 @@ class LocalExecutor(Executor):
 
     def replace(self, worker: int) -> dict[str, Any]:
         raise EvomergeError("the in-process worker cannot be replaced")
+
+    def shutdown(self) -> None:
+        """Drop the worker and give its memory (the pool, the live model) back to the OS: the export of
+        the best that follows in this process needs it."""
+        from evomerge.perf import release_freed_memory
+
+        self._worker = None
+        gc.collect()
+        release_freed_memory()
 
 
 def _join(address: str | None, kwargs: dict[str, Any]) -> None:
