@@ -6,6 +6,7 @@ Library errors (EvomergeError) are printed as one line, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -149,11 +150,12 @@ def merge(
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("merging tensors", total=None)
-        merge_to_dir(
-            recipe, out_dir, force=force, device=device, threads=threads, seed=seed,
-            allow_pickle=allow_pickle, max_shard_size=max_shard_size, recipe_dir=config.parent,
-            progress=lambda done, total: bar.update(task, completed=done, total=total), inputs=[config],
-        )
+        with _atomic_output(out_dir):
+            merge_to_dir(
+                recipe, out_dir, force=force, device=device, threads=threads, seed=seed,
+                allow_pickle=allow_pickle, max_shard_size=max_shard_size, recipe_dir=config.parent,
+                progress=lambda done, total: bar.update(task, completed=done, total=total), inputs=[config],
+            )
     console.print(f"merged model written to [bold]{out_dir}[/]")
 
 
@@ -200,8 +202,9 @@ def adamerge_cmd(
             bar.update(bars[phase], completed=done, total=total,
                        info=f"entropy {loss:.4f}" if phase == "training" else "")
 
-        result = adamerge_to_dir(cfg, out_dir, init_run=init, force=force, device=device, progress=progress,
-                                 inputs=[config])
+        with _atomic_output(out_dir):
+            result = adamerge_to_dir(cfg, out_dir, init_run=init, force=force, device=device, progress=progress,
+                                     inputs=[config])
     grid = Table(title=f"{cfg.granularity}-wise AdaMerging{'++' if cfg.plus_plus else ''} coefficients")
     for col in ("task", "mean", "min", "max"):
         grid.add_column(col, justify="right" if col != "task" else "left")
@@ -212,6 +215,18 @@ def adamerge_cmd(
     if result.stopped:
         console.print(f"[yellow]stopped early:[/] {result.stopped}")
     console.print(f"merged model written to [bold]{out_dir}[/]")
+
+
+@contextlib.contextmanager
+def _atomic_output(out_dir: Path):
+    """Ctrl-C while writing ``out_dir`` says what it left (nothing: outputs appear whole) instead of
+    exiting without a word, as typer would."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: nothing was written to {out_dir}"
+                      + (" (it is as it was)" if out_dir.exists() else ""), highlight=False)
+        raise typer.Exit(130) from None
 
 
 def _end_live_line() -> None:
@@ -525,7 +540,7 @@ def export_cmd(
 
     run = latest_run(RunDir.open(run_dir))
     _warn_unreadable(run)
-    with console.status("exporting") as st:
+    with console.status("exporting") as st, _atomic_output(out_dir):
         scores = export_run(run, out_dir, rank=rank, candidate=candidate, force=force, score=score,
                             progress=st.update)
     _exported(f"candidate #{scores['candidate']} exported to [bold]{out_dir}[/]", scores)

@@ -141,6 +141,35 @@ def test_cli_merge_refuses_overwrite_and_forces(zoo, tmp_path):
     assert not (out / "marker").exists() and (out / "model.safetensors").exists()
 
 
+def test_ctrl_c_during_a_merge_says_the_output_is_untouched(zoo, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import evomerge.materialize.export as export
+    from evomerge.cli import app
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": zoo["rev"], "parameters": {"weight": 1.0}}, {"model": zoo["sort"], "parameters": {"weight": 1.0}}]}))
+    out = tmp_path / "out"
+    assert CliRunner().invoke(app, ["merge", str(cfg), str(out)]).exit_code == 0
+    (out / "marker").write_text("keep")
+    before = sorted(p.name for p in out.iterdir())
+    real, calls = export.run_job, []
+
+    def interrupted(*args, **kwargs):  # the user's Ctrl-C, injected on the third tensor
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "run_job", interrupted)
+    result = CliRunner().invoke(app, ["merge", str(cfg), str(out), "--force", "--threads", "1"])
+    assert result.exit_code == 130 and len(calls) == 3
+    assert f"interrupted: nothing was written to {out} (it is as it was)" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "out"]  # no temp directory left
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 # -- bad input -----------------------------------------------------------------
 def _copy_model(src, dst):
     shutil.copytree(src, dst)
