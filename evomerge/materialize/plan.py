@@ -125,7 +125,7 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
     for name in pre:
         add(name, slices[0], [name] * len(slices[0].sources), 0.0, label(0))
     offset = 0
-    stack = []  # per output layer: (its source's config, its index there), for the per-layer config lists
+    stack = []  # per output layer: (its source model, its index there), for the per-layer config lists
     for si, sl in enumerate(slices):
         for s in sl.sources:
             n_layers = models[s.model].num_layers
@@ -137,7 +137,7 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
         # is reported instead of the tensor being dropped
         lead = next((s for s in sl.sources if s.model == recipe.base_model), sl.sources[0])
         order = [lead, *(s for s in sl.sources if s is not lead)]
-        stack += [(models[lead.model].layer_config, lead.layer_range[0] + j) for j in range(sl.length)]
+        stack += [(models[lead.model], lead.layer_range[0] + j) for j in range(sl.length)]
         for j in range(sl.length):
             t = j / (sl.length - 1) if sl.length > 1 else 1.0
             for s in order:
@@ -154,7 +154,8 @@ def plan_merge(recipe: Recipe, models: dict[str, ModelDir], *, where: str = "rec
 
     config = dict(ref.config)
     if recipe.slices is not None:
-        config = arch.with_layers(ref.layer_config, stack)
+        # layer_config reads the config through transformers (a second of imports): only stacks need it
+        config = arch.with_layers(ref.layer_config, [(m.layer_config, i) for m, i in stack])
     if config.get("tie_word_embeddings") and any(arch.tied_to(job.out_name) for job in jobs):
         # a head of its own was merged (a source stores one): tied, loaders would replace it by the embeddings
         config["tie_word_embeddings"] = False
