@@ -71,7 +71,9 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         yield tmp
         if final.exists():
             if not replace:
-                raise EvomergeError(f"{final}: already exists")
+                # it appeared while this output was being made (another process writing there)
+                raise EvomergeError(f"{final}: was created by something else while this output was being "
+                                    "written; nothing was replaced. Pass --force to replace it")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

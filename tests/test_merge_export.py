@@ -461,6 +461,21 @@ def test_a_write_killed_midway_leaves_nothing_for_long(zoo, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])
 
 
+def test_an_output_made_by_another_process_meanwhile_is_kept(zoo, tmp_path):
+    r = recipe({"merge_method": "ties", "base_model": zoo["base"],
+                "models": [{"model": zoo["rev"], "parameters": {"weight": 1.0, "density": 0.5}}]})
+    out = tmp_path / "out"
+
+    def other_writer(tmp):  # another merge to the same OUT_DIR finishes first
+        out.mkdir()
+        (out / "theirs").write_text("kept")
+
+    with pytest.raises(EvomergeError, match=r"out: was created by something else while this output was being "
+                                            r"written; nothing was replaced. Pass --force"):
+        merge_to_dir(r, out, finalize=other_writer)
+    assert [p.name for p in out.iterdir()] == ["theirs"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_layer_range_beyond_the_model(zoo, tmp_path):
     r = recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": zoo["base"], "layer_range": [0, 5]}]}]})
     with pytest.raises(EvomergeError, match=r"layer_range \[0, 5\] .* exceeds its 2 layers"):
