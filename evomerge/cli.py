@@ -449,7 +449,8 @@ def status(
     names = space.objective.names
     out_console.print(f"[bold]{run.path}[/]: {len(journal) - screened}/{space.budget} evaluations, {len(failed)} failed, "
                       + (f"{screened} screened out by the surrogate, " if screened else "")
-                      + f"optimizer {space.optimizer.name}, genome {space.genome.type}", soft_wrap=True)
+                      + f"optimizer {space.optimizer.name}, genome {space.genome.type}; "
+                      + ("a search is running in it now" if top_run.busy else "no search running"), soft_wrap=True)
     first = stage_dir(top_run, 0)
     if run.path not in (top_run.path, first.path):  # a staged run in its data-flow stage: the stage it came from
         first_space = first.space()

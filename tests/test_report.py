@@ -199,6 +199,19 @@ def test_status_of_a_multi_objective_run_marks_its_pareto_front(runs):
     assert f"Pareto front ({len(front)}): {', '.join(front)}" in text
 
 
+def test_status_says_whether_a_search_is_running(runs):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    run = runs["parameter"]
+    idle = CliRunner().invoke(app, ["status", str(run.path)])
+    assert idle.exit_code == 0 and "no search running" in " ".join(idle.output.split())
+    with run.lock():  # as a search holds it
+        busy = CliRunner().invoke(app, ["status", str(run.path)])
+    assert busy.exit_code == 0 and "a search is running in it now" in " ".join(busy.output.split())
+
+
 def test_the_best_of_several_objectives_is_on_the_pareto_front():
     from evomerge.run.rundir import Evaluation
     from evomerge.run.runner import better, ranked
