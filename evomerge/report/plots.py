@@ -58,6 +58,7 @@ def progress(runs: list[ReportRun], file: Path) -> None:
              f"{f.name} ({', '.join(r.label for r in runs if f in r.space.objective.fitness)})" for f in fitness]
     rows = len(fitness)
     timed = any(r.timed for r in runs)
+    paused = any((c := wall_clock(r.timed)) is not None and c.pauses for r in runs)
     cols = 2 if timed else 1
     fig = Figure(figsize=(5.2 * cols, 3.4 * rows), layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
@@ -87,7 +88,6 @@ def progress(runs: list[ReportRun], file: Path) -> None:
         axes[row, 0].xaxis.get_major_locator().set_params(integer=True)
         if timed:
             axes[row, 1].set_xlim(left=0)
-        paused = any((c := wall_clock(r.timed)) is not None and c.pauses for r in runs)
         for col, xlabel in enumerate(["full evaluation", WALL_LABEL + (PAUSED if paused else "")][:cols]):
             ax = axes[row, col]
             ax.set_xlabel(xlabel)

@@ -29,25 +29,30 @@ def choose(run: RunDir, rank: int | None = None, candidate: int | None = None) -
     Reads the journal as ``status`` does: lines that do not parse (a line being
     written, a damaged one) are skipped, not fatal; only resume needs them all.
     """
+    return _chosen(run, rank, candidate)[0]
+
+
+def _chosen(run: RunDir, rank: int | None, candidate: int | None) -> tuple[Evaluation, list[Evaluation]]:
+    """``choose``'s evaluation and the run's successful ones, best first, from one read of the journal."""
     if rank is not None and candidate is not None:
         raise EvomergeError("give --rank or --id, not both")
     journal = run.readable_journal()[0]
+    best = ranked(journal, run.space().objective.directions)
     if candidate is not None:
         found = next((e for e in journal if e.id == candidate), None)
         if found is None:
             raise EvomergeError(f"--id {candidate}: {run.path} has journaled no candidate #{candidate}")
         if not found.recipe:
             raise EvomergeError(f"--id {candidate}: candidate #{candidate} has no recipe ({found.error})")
-        return found
+        return found, best
     rank = 1 if rank is None else rank
-    best = ranked(journal, run.space().objective.directions)
     if not best:
         raise EvomergeError(f"{run.path}: no successful evaluation yet")
     if rank < 1:
         raise EvomergeError(f"--rank {rank}: ranks start at 1 (the best)")
     if rank > len(best):
         raise EvomergeError(f"--rank {rank}: {run.path} has {len(best)} successful evaluations")
-    return best[rank - 1]
+    return best[rank - 1], best
 
 
 def score_dir(path: Path, evaluators: list[dict], failures: dict[str, str] | None = None) -> dict[str, float]:
@@ -91,9 +96,9 @@ def export_run(run: RunDir, out: Path, *, rank: int | None = None, candidate: in
 
     say = progress or (lambda msg: None)
     space = run.space()
-    chosen = choose(run, rank, candidate)
+    chosen, best = _chosen(run, rank, candidate)
     recipe = Recipe.model_validate(chosen.recipe)
-    ids = [e.id for e in ranked(run.readable_journal()[0], space.objective.directions)]
+    ids = [e.id for e in best]
     scores: dict = {"candidate": chosen.id, "rank": ids.index(chosen.id) + 1 if chosen.id in ids else None,
                     "genes": chosen.genes, "validation": {"metrics": chosen.metrics}}
     if chosen.id in ids:

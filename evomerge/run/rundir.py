@@ -223,25 +223,10 @@ class RunDir:
         lines = data.split(b"\n")
         # Lines are written whole with their newline, so a last piece without one is torn.
         torn = lines.pop() if lines else b""
-        objectives = self._objectives
         out: list[Evaluation] = []
-        seen: dict[int, int] = {}
-        for number, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            try:
-                evaluation = parse_evaluation(raw, objectives)
-            except (ValueError, TypeError) as exc:
-                raise EvomergeError(
-                    f"{self.journal_file}: line {number} is corrupt ({exc}); "
-                    "fix or delete that line, then resume again (its evaluation will be re-run)"
-                ) from None
-            if evaluation.id in seen:
-                raise EvomergeError(
-                    f"{self.journal_file}: line {number} repeats candidate #{evaluation.id} of line "
-                    f"{seen[evaluation.id]}; a run journals each candidate once (were two journals joined?). "
-                    "Delete the repeated lines, then resume again")
-            seen[evaluation.id] = number
+        for _, evaluation, why in self._entries(lines):
+            if why is not None:
+                raise EvomergeError(f"{self.journal_file}: {why}")
             out.append(evaluation)
         if torn.strip():
             log.warning("%s: dropping a torn last line (%d bytes); its evaluation will be re-run",
@@ -268,24 +253,36 @@ class RunDir:
         readable and say how many lines they skipped, instead of refusing. A
         line repeating an earlier candidate's id is skipped too.
         """
-        objectives = self._objectives
         out: list[Evaluation] = []
         bad: list[int] = []
-        seen: set[int] = set()
-        for number, raw in enumerate(self._journal_bytes().splitlines(), 1):
+        for number, evaluation, why in self._entries(self._journal_bytes().splitlines()):
+            if why is None:
+                out.append(evaluation)
+            else:
+                bad.append(number)
+        return out, bad
+
+    def _entries(self, lines: list[bytes]) -> Iterator[tuple[int, Evaluation | None, str | None]]:
+        """Per non-blank journal line: its number, its evaluation, and why it is unreadable (None when it is
+        readable): it does not parse, or it repeats an earlier line's candidate id."""
+        objectives = self._objectives
+        seen: dict[int, int] = {}
+        for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             try:
                 evaluation = parse_evaluation(raw, objectives)
-            except (ValueError, TypeError):
-                bad.append(number)
+            except (ValueError, TypeError) as exc:
+                yield number, None, (f"line {number} is corrupt ({exc}); fix or delete that line, then resume "
+                                     "again (its evaluation will be re-run)")
                 continue
             if evaluation.id in seen:
-                bad.append(number)
+                yield number, None, (f"line {number} repeats candidate #{evaluation.id} of line {seen[evaluation.id]}; "
+                                     "a run journals each candidate once (were two journals joined?). Delete the "
+                                     "repeated lines, then resume again")
                 continue
-            seen.add(evaluation.id)
-            out.append(evaluation)
-        return out, bad
+            seen[evaluation.id] = number
+            yield number, evaluation, None
 
     @functools.cached_property
     def _objectives(self) -> int:

@@ -140,11 +140,7 @@ class Runner:
     # -- resume --------------------------------------------------------------
     def _recover(self) -> None:
         """Bring optimizer, journal and queue into agreement (a fresh run is the trivial case)."""
-        journal = self.run_dir.journal(repair=True)
-        ids = [e.id for e in journal]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise EvomergeError(f"{self.run_dir.journal_file}: evaluation {dup} appears twice; the journal was edited")
+        journal = self.run_dir.journal(repair=True)  # refuses a candidate id journaled twice
         self.done = {e.id: e for e in journal}
         # evaluations journaled before sessions were numbered count as the first session's
         self.session = 1 + max((e.session or 1 for e in journal), default=0)
