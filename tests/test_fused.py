@@ -5,6 +5,7 @@ import torch
 
 from evomerge.materialize import fused
 from evomerge.methods.generalized_task_arithmetic import task_vector
+from evomerge.methods import magnitude_index as magnitude_index_module
 from evomerge.methods.magnitude_index import high_half
 
 
@@ -106,29 +107,46 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog):
 
 
 def test_fused_block_merge_equals_the_eager_route_with_ties_at_the_cuts(monkeypatch):
-    """TIES cuts applied inside the compiled merge, surplus ties merged again: the eager route's floats."""
+    """TIES cuts applied inside the compiled merge, surplus ties merged again: the eager route's floats,
+    with cuts from the bucket index and from exact tables."""
     from evomerge.materialize.blockwise import magnitude_index, merge_block
     from evomerge.materialize.pool import Block
 
     monkeypatch.setattr(fused, "MIN_NUMEL", 2)  # short tensors compiled too
+    monkeypatch.setattr(fused, "ROW", 256)  # ties searched in several rows
+    # these deltas are large next to the weights (real fine-tunes': ~4x fewer distinct magnitudes)
+    monkeypatch.setattr(magnitude_index_module, "EXACT_RATIO", 16)
     sizes = (3, 5000, 20000, 40000, 1, 7000)
     block = Block("bfloat16", tuple(f"t{s}" for s in range(len(sizes))), tuple((n,) for n in sizes), sizes)
     base, sources = inputs(block.numel, torch.bfloat16, seed=11)  # bf16 deltas: few distinct magnitudes
     # NaN (a broken source) survives a cut and a whole tensor, not a tensor cut to nothing (source 0, tensor 5)
     sources[1][10] = sources[0][block.offsets[5] + 3] = float("nan")
-    indexes = [magnitude_index(block, base, s) for s in sources]
+    buckets = [magnitude_index(block, base, s) for s in sources]
+    exact = [magnitude_index(block, base, s, exact=True) for s in sources]
+    assert not any(index.exact for index in buckets)
+    # tables for the long tensors without NaN; NaN (source 0, tensor 5; 1, 1) and short tensors take the bucket route
+    assert [sorted(index.exact) for index in exact] == [[1, 2, 3], [2, 3, 5], [1, 2, 3, 5]]
     surplus = 0
     for densities in ([0.3, 0.5, 0.9], [[1.0, 0.6, 0.1, 0.7, 0.5, 0.0], [0.2] * 6, [1.0] * 6], [0.05, 1.0, 0.5]):
         per_tensor = [d if isinstance(d, list) else [d] * len(sizes) for d in densities]
         kwargs = [{"weight": [0.7, 0.4 + 0.1 * s, -0.3], "density": [d[s] for d in per_tensor],
                    "normalize": s != 2, "lambda_": 1.0 if s < 3 else 1.2, "rescale": False, "rescale_method": "l1"}
                   for s in range(len(sizes))]
-        (eager, eager_total), (compiled, total) = (
-            merge_block(block, base, sources, kwargs, method="ties", indexes=indexes, fused=f) for f in (False, True))
-        assert torch.equal(compiled.view(torch.int16), eager.view(torch.int16)), densities
-        assert total.isnan() and eager_total.isnan()  # the surviving NaN reaches both screens
-        for i, index in enumerate(indexes):
+        eager, eager_total = merge_block(block, base, sources, kwargs, method="ties", indexes=buckets)
+        assert eager_total.isnan()  # the surviving NaN reaches the screen
+        for indexes in (buckets, exact):
+            compiled, total = merge_block(block, base, sources, kwargs, method="ties", indexes=indexes, fused=True)
+            assert torch.equal(compiled.view(torch.int16), eager.view(torch.int16)), densities
+            assert total.isnan()
+        for i, index in enumerate(buckets):
             ks = [int(kw["density"][i] * n) if kw["density"][i] < 1 else n for kw, n in zip(kwargs, sizes)]
             magnitude = task_vector(base.float(), sources[i]).abs()
-            surplus += int(index.cut(high_half(magnitude), magnitude.__getitem__, ks).dropped.sum())
+            high = high_half(magnitude)
+            cut = index.cut(lambda a, b: high[a:b], magnitude.__getitem__, ks)
+            surplus += int(cut.dropped.sum())
+            # the exact tables' points are the bucket route's cuts
+            points = exact[i].points(ks, lambda a, b: high[a:b], magnitude.__getitem__, lambda s, value, j: int(
+                (magnitude[block.offsets[s]:block.offsets[s + 1]] == value).nonzero()[j - 1]))
+            for s in range(len(sizes)):
+                assert points[s] == (None if ks[s] >= sizes[s] else (float(cut.values[s]), int(cut.last[s]))), (i, s)
     assert surplus > 100  # cuts fell inside runs of equal magnitudes

@@ -170,18 +170,46 @@ def test_blockwise_route_equals_export_for_every_placement_and_block_size(tiny_z
     assert not routed
 
 
-def test_fused_route_equals_export(tiny_zoo, tmp_path, monkeypatch):
-    """The compiled CPU kernels (forced on, for spans of any size) give export's floats, run after run."""
+def bfloat16_zoo(zoo, root):
+    """The zoo's models with every tensor stored as bfloat16 (real LLMs' dtype: few distinct task-vector
+    magnitudes, long runs of equal ones at TIES cuts)."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    models = {}
+    for name, path in zoo.models.items():
+        models[name] = shutil.copytree(path, root / name)
+        for shard in models[name].glob("*.safetensors"):
+            save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+        config = models[name] / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "bfloat16"}))
+    return SimpleNamespace(models=models, finetune_tasks=zoo.finetune_tasks)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_route_equals_export(tiny_zoo, tmp_path, monkeypatch, dtype):
+    """The compiled CPU kernels (forced on, for spans of any size) give export's floats, run after run; in
+    bfloat16 TIES cuts come from exact magnitude tables and fall inside runs of equal magnitudes."""
     from evomerge.materialize import fused
+    from evomerge.methods import magnitude_index
 
     monkeypatch.setattr(fused, "MIN_NUMEL", 2)
+    monkeypatch.setattr(fused, "ROW", 256)
+    monkeypatch.setattr(magnitude_index, "EXACT_RATIO", 4)  # the tiny zoo's tensors are short
+    zoo = tiny_zoo if dtype == "float32" else bfloat16_zoo(tiny_zoo, tmp_path / "zoo16")
     compiled = []
     real = fused._run
     monkeypatch.setattr(fused, "_run", lambda name, *a, **k: compiled.append(name) or real(name, *a, **k))
-    m = tiny_zoo.models
-    merger = ResidentMerger(m["base"], [m[t] for t in tiny_zoo.finetune_tasks], device="cpu", fused=True)
-    assert_equal_to_export_twice(merger, [Recipe.model_validate(c) for c in task_vector_candidates(tiny_zoo)], tmp_path)
-    assert {"high_halves", "merge"} <= set(compiled) and not fused._broken
+    m = zoo.models
+    merger = ResidentMerger(m["base"], [m[t] for t in zoo.finetune_tasks], device="cpu", fused=True)
+    assert_equal_to_export_twice(merger, [Recipe.model_validate(c) for c in task_vector_candidates(zoo)], tmp_path)
+    # float32 deltas have too many distinct magnitudes for tables: cuts from the high halves' buckets
+    tables = sum(len(index.exact) for index in merger._indexes.values())
+    assert (tables > 0) == (dtype == "bfloat16") and not fused._broken
+    assert {"merge", "row_matches" if tables else "high_halves"} <= set(compiled)
 
 
 def test_a_family_whose_tensors_are_stacked_on_load_is_refused_clearly(tmp_path):

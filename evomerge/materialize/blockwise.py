@@ -25,7 +25,7 @@ from evomerge.materialize import fused
 from evomerge.materialize.pool import Block
 from evomerge.methods import sparsify
 from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
-from evomerge.methods.magnitude_index import MagnitudeIndex, expand
+from evomerge.methods.magnitude_index import MagnitudeIndex, expand, high_half
 
 #: method -> (sparsifier, sign consensus), as registered in generalized_task_arithmetic
 BLOCKWISE = {
@@ -49,9 +49,13 @@ def keep_counts(density: Sequence[float], sizes: Sequence[int]) -> list[int]:
     return [sparsify.keep_count(d, n) for d, n in zip(density, sizes)]
 
 
-def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor) -> MagnitudeIndex:
-    """The index of ``|source - base|`` over ``block`` (both flat, on one device)."""
-    return MagnitudeIndex(fused.high_halves(base, source), block.sizes)
+def magnitude_index(block: Block, base: torch.Tensor, source: torch.Tensor, *, exact: bool = False) -> MagnitudeIndex:
+    """The index of ``|source - base|`` over ``block`` (both flat, on one device); ``exact``: with the exact
+    tables of the tensors with few distinct magnitudes, which the fused route's cuts look up (CPU)."""
+    if not exact:
+        return MagnitudeIndex(fused.high_halves(base, source), block.sizes)
+    magnitude = task_vector(base.float(), source).abs_()
+    return MagnitudeIndex(high_half(magnitude).contiguous(), block.sizes, magnitude)
 
 
 def merge_block(block: Block, base: torch.Tensor, sources: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
@@ -123,8 +127,9 @@ def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tenso
                  indexes: Sequence[MagnitudeIndex] | None, out: torch.Tensor) -> torch.Tensor:
     """``merge_block`` through ``materialize.fused`` (CPU) into ``out``; returns the float32 sum of the result.
 
-    Each source's TIES cuts are found from the high halves of its magnitudes
-    (one compiled pass) and applied inside the merge (per tensor: the k-th
+    Each source's TIES cuts come from its magnitude index (``MagnitudeIndex.points``:
+    an exact table's lookup, else the high halves of the tensor's magnitudes,
+    one compiled pass) and are applied inside the merge (per tensor: the k-th
     largest magnitude and the position of the last tie kept), so no trimmed
     magnitudes are written. One ``fused.merge`` runs per run of consecutive
     tensors with equal parameters and cuts.
@@ -133,11 +138,11 @@ def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tenso
     cuts = []  # per source and tensor: None (kept whole) or (k-th largest magnitude, its block position)
     for i, source in enumerate(sources):
         ks = keep_counts([kw["density"][i] for kw in kwargs], sizes) if indexes is not None else sizes
-        if all(k >= n for k, n in zip(ks, sizes)):
-            cuts.append([None] * len(sizes))
-            continue
-        cut = indexes[i].cut(fused.high_halves(base, source), fused.magnitude_at(base, source), ks)
-        cuts.append([None if k >= n else c for c, k, n in zip(zip(cut.values.tolist(), cut.last.tolist()), ks, sizes)])
+        cuts.append(indexes[i].points(
+            ks, lambda a, b, t=source: fused.high_halves(base[a:b], t[a:b]), fused.magnitude_at(base, source),
+            lambda s, value, j, t=source: fused.nth_equal(
+                base[offsets[s]:offsets[s + 1]], t[offsets[s]:offsets[s + 1]], value, j))
+            if any(k < n for k, n in zip(ks, sizes)) else [None] * len(sizes))
 
     def params(s: int) -> tuple:
         kw = kwargs[s]

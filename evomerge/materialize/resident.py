@@ -294,7 +294,7 @@ class ResidentMerger:
         """The magnitude index of ``source - base`` over block ``b``, built on first use."""
         key = (base, source, b)
         if key not in self._indexes:
-            self._indexes[key] = magnitude_index(self.pool[base].blocks[b], base_t, source_t)
+            self._indexes[key] = magnitude_index(self.pool[base].blocks[b], base_t, source_t, exact=self.fused)
         return self._indexes[key]
 
     def _restore_layers(self) -> None:

@@ -11,6 +11,14 @@ and how many entries lie above it; the exact cut then only needs that bucket's
 members, found by one compare pass over the block. The cut and
 its tie handling are those of ``sparsify.RankCut`` (entries equal to the cut are
 kept lowest index first, so exactly k survive), hence bit-identical results.
+
+Task vectors of bfloat16 models take few distinct magnitudes (differences of
+two 8-bit mantissas: ~0.5% of the entries of the medium zoo's tensors), so a
+bucket of high halves mixes several values and holds ~1% of a tensor, and
+finding its members costs passes over the block. For such tensors the index
+can also hold an exact table, every distinct magnitude with its count
+(``points``): the k-th largest is then a lookup, and only a cut that falls
+inside a run of equal magnitudes needs to find where the kept ones end.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ import numpy as np
 import torch
 
 _SEG = 1 << 40  # segment stride in the packed cumulative keys (more than any tensor's entry count)
+#: a tensor gets an exact table when it has at most one distinct magnitude per this many entries
+EXACT_RATIO = 64
+_INF_BITS = 0x7F800000  # float32 +inf: tables hold finite magnitudes only (NaN, inf take the bucket route)
 
 
 def high_half(magnitude: torch.Tensor) -> torch.Tensor:
@@ -82,8 +93,12 @@ class MagnitudeIndex:
     never waits for the device (the members are found with a known count).
     """
 
-    def __init__(self, high: torch.Tensor, sizes: list[int]) -> None:
-        """Index the magnitudes whose high halves (``high_half``) are ``high``, tensors of ``sizes`` end to end."""
+    def __init__(self, high: torch.Tensor, sizes: list[int], magnitude: torch.Tensor | None = None) -> None:
+        """Index the magnitudes whose high halves (``high_half``) are ``high``, tensors of ``sizes`` end to end.
+
+        With ``magnitude`` (the float32 magnitudes themselves, on a CPU) the
+        tensors with few distinct values also get exact tables (``points``).
+        """
         self.sizes = list(sizes)
         self.offsets = list(itertools.accumulate(sizes, initial=0))
         self.starts = torch.tensor(self.offsets, dtype=torch.int64, device=high.device)
@@ -97,11 +112,21 @@ class MagnitudeIndex:
         self.keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
         self.buckets = np.concatenate(buckets).astype(np.int64) if buckets else self.keys.copy()
         self.first = np.asarray(first, dtype=np.int64)
+        #: tensor -> (its distinct magnitudes' float32 bits, largest first; entries at or above each)
+        self.exact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if magnitude is not None:
+            for s, (a, b) in enumerate(itertools.pairwise(self.offsets)):
+                if b - a < EXACT_RATIO or self.first[s + 1] - self.first[s] > (b - a) // EXACT_RATIO:
+                    continue  # more distinct values than a table may hold: there are as many buckets or more
+                bits, counts = torch.unique(magnitude[a:b].view(torch.int32), sorted=True, return_counts=True)
+                if bits.numel() <= (b - a) // EXACT_RATIO and int(bits[-1]) < _INF_BITS:
+                    self.exact[s] = (bits.flip(0).numpy().copy(), counts.flip(0).cumsum(0).numpy())
 
     @property
     def nbytes(self) -> int:
         """Memory the index holds (host and device)."""
-        return self.keys.nbytes + self.buckets.nbytes + self.first.nbytes + self.starts.numel() * 8
+        tables = sum(bits.nbytes + ends.nbytes for bits, ends in self.exact.values())
+        return self.keys.nbytes + self.buckets.nbytes + self.first.nbytes + self.starts.numel() * 8 + tables
 
     def trim_(self, magnitude: torch.Tensor, ks: list[int]) -> torch.Tensor:
         """Zero all but the ``ks[s]`` largest entries of each tensor ``s`` of ``magnitude``, in place.
@@ -110,23 +135,63 @@ class MagnitudeIndex:
         CUDA nothing waits for the device: the bookkeeping is done on the host
         and the kernels are queued.
         """
-        cut = self.cut(high_half(magnitude), magnitude.__getitem__, ks)
+        high = high_half(magnitude)
+        cut = self.cut(lambda a, b: high[a:b], magnitude.__getitem__, ks)
         if cut.trimmed:
             self._zero_below_(magnitude, cut)
         if cut.members.numel():
             magnitude.index_put_((cut.members,), magnitude[cut.members].masked_fill_(cut.dropped, 0.0))
         return magnitude
 
-    def cut(self, high: torch.Tensor, magnitude_at: Callable[[torch.Tensor], torch.Tensor], ks: list[int]) -> Cut:
+    def points(self, ks: list[int], high_at: Callable[[int, int], torch.Tensor],
+               magnitude_at: Callable[[torch.Tensor], torch.Tensor],
+               nth: Callable[[int, int, int], int]) -> list[tuple[float, int] | None]:
+        """Per tensor ``s``, where to cut it to keep its ``ks[s]`` largest magnitudes (host values).
+
+        ``None``: kept whole; else ``(value, last)``, the k-th largest magnitude
+        and the block position of the last entry equal to it that is kept
+        (``Cut.values`` and ``Cut.last``; ``(inf, -1)``: nothing kept). Tensors
+        with an exact table are looked up there, and ``nth(s, value, j)``, the
+        position in tensor ``s`` of the j-th entry (from 1, in index order)
+        whose magnitude is ``value``, is asked only when entries equal to the
+        cut are dropped; the others are cut as ``cut`` does,
+        with its ``high_at`` and ``magnitude_at``.
+        """
+        points: list[tuple[float, int] | None] = [None] * len(ks)
+        rest = list(self.sizes)  # what the bucket route cuts: a tensor's size keeps it whole there
+        for s, (k, n) in enumerate(zip(ks, self.sizes)):
+            if k >= n:
+                continue
+            if k <= 0:
+                points[s] = (float("inf"), -1)
+            elif s not in self.exact:
+                rest[s] = k
+            else:
+                bits, ends = self.exact[s]
+                i = int(np.searchsorted(ends, k))  # the first distinct magnitude reaching the k-th largest
+                above = int(ends[i - 1]) if i else 0
+                j = k - above  # the cut keeps the first j entries equal to it
+                value = float(bits[i:i + 1].view(np.float32)[0])
+                points[s] = (value, self.offsets[s] + (nth(s, value, j) if j < ends[i] - above else n - 1))
+        if rest != self.sizes:
+            cut = self.cut(high_at, magnitude_at, rest)
+            for s, value, last in zip(range(len(ks)), cut.values.tolist(), cut.last.tolist()):
+                if rest[s] < self.sizes[s]:
+                    points[s] = (value, last)
+        return points
+
+    def cut(self, high_at: Callable[[int, int], torch.Tensor], magnitude_at: Callable[[torch.Tensor], torch.Tensor],
+            ks: list[int]) -> Cut:
         """Where to cut each tensor ``s`` to keep its ``ks[s]`` largest magnitudes.
 
-        ``high`` are the high halves of the magnitudes the index was built from
-        and ``magnitude_at(positions)`` returns those magnitudes (float32) at
-        the given block positions; only the entries of each cut's bucket are
-        read. Nothing waits for a CUDA device.
+        ``high_at(a, b)`` returns the high halves of the block's magnitudes
+        (those the index was built from) at positions ``a`` to ``b``, and
+        ``magnitude_at(positions)`` those magnitudes (float32) at the given
+        block positions; only the tensors with a cut and the entries of each
+        cut's bucket are read. Nothing waits for a CUDA device.
         """
         sizes = self.sizes
-        device = high.device
+        device = self.starts.device
         # per tensor, entries below its value are zeroed: -inf keeps a tensor whole, +inf drops it (k = 0)
         value_of = [float("inf") if k <= 0 < n else float("-inf") for k, n in zip(ks, sizes)]
         emptied = tuple(s for s, v in enumerate(value_of) if v > 0)
@@ -143,7 +208,7 @@ class MagnitudeIndex:
         bucket = self.buckets[pos]
         above = np.where(pos > self.first[segs], self.keys[pos - 1] - segs * _SEG, 0)
         count = self.keys[pos] - segs * _SEG - above
-        members = self._members(high, need, bucket.tolist(), count.tolist())
+        members = self._members(high_at, need, bucket.tolist(), count.tolist())
         seg_of = torch.searchsorted(self.starts, members, right=True) - 1
         found = magnitude_at(members)
         low = found.view(torch.int32) & 0xFFFF
@@ -168,21 +233,24 @@ class MagnitudeIndex:
         dropped = (j > last_kept[seg_sorted]) & (order_key == cut_of[seg_sorted])
         return Cut(values, last, emptied, members, dropped)
 
-    def _members(self, high: torch.Tensor, need: list[int], bucket: list[int], count: list[int]) -> torch.Tensor:
+    def _members(self, high_at: Callable[[int, int], torch.Tensor], need: list[int], bucket: list[int],
+                 count: list[int]) -> torch.Tensor:
         """Ascending indices of the entries of each tensor ``need[q]`` whose high half is ``bucket[q]``.
 
         On a CPU one NumPy scan per tensor; on CUDA one compare over the block
         against per-entry targets, gathered with the total count known up front
         (``nonzero_static``: no host sync).
         """
-        if high.device.type == "cpu":
-            values = high.contiguous().numpy()  # strided compares run at half the speed
-            parts = [np.flatnonzero(values[self.offsets[s]:self.offsets[s + 1]] == v) + self.offsets[s]
+        offsets = self.offsets
+        if self.starts.device.type == "cpu":
+            # contiguous: strided compares run at half the speed
+            parts = [np.flatnonzero(high_at(offsets[s], offsets[s + 1]).contiguous().numpy() == v) + offsets[s]
                      for s, v in zip(need, bucket)]
             return torch.from_numpy(np.concatenate(parts))
         target = [-1] * len(self.sizes)  # -1 matches nothing
         for s, v in zip(need, bucket):
             target[s] = v
+        high = high_at(0, offsets[-1])
         per_entry = expand(target, self.sizes, dtype=torch.int16, device=high.device)
         return torch.nonzero_static(high == per_entry, size=sum(count)).squeeze(1)
 
