@@ -3,14 +3,17 @@
 A TIES candidate made of eager operations reads and writes each block ~60
 times: per source the task vector, its magnitude, the trim, the sign, the
 weight; then the sign election, agreement, divisor, lambda, base and cast. On a
-CPU those passes are memory-bound. Here ``torch.compile`` turns them into two
-kernels: ``high_halves`` (the high 16 bits of ``|source - base|`` in one pass,
-where the magnitude index finds a cut's bucket members) and ``merge`` (task
-vectors from the sources, each trimmed at its cut -- the k-th largest
-magnitude and the index of the last tie kept -- signed and weighted, consensus
-or sum, normalize, lambda, base, cast: one pass over a run of tensors that
-share their parameters and cuts, stored straight into the live model, with the
-sum of what it stored for the finiteness check). They
+CPU those passes are memory-bound. Here ``torch.compile`` turns them into
+kernels: ``merge`` (task vectors from the sources, each trimmed at its cut --
+the k-th largest magnitude and the index of the last tie kept -- signed and
+weighted, consensus or sum, normalize, lambda, base, cast: one pass over a run
+of tensors that share their parameters and cuts, stored straight into the
+live model, with the sum of what it stored for the finiteness check) and, to
+find the cuts, ``row_matches`` (per row of ``ROW`` entries, how many
+magnitudes equal a tensor's cut: where the ties kept end, for cuts looked up
+in an exact table of the magnitude index) or ``high_halves`` (the high 16 bits
+of ``|source - base|`` in one pass, where the index finds a cut's bucket
+members in tensors without a table). They
 perform the float operations of the eager code (``blockwise.merge_block``,
 ``sign_consensus``, ``ordered_sum``) in the same order with one rounding each:
 Inductor's CPU code does not contract multiply-adds, and divides truly, as
