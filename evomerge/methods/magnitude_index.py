@@ -118,9 +118,12 @@ class MagnitudeIndex:
             for s, (a, b) in enumerate(itertools.pairwise(self.offsets)):
                 if b - a < EXACT_RATIO or self.first[s + 1] - self.first[s] > (b - a) // EXACT_RATIO:
                     continue  # more distinct values than a table may hold: there are as many buckets or more
-                # NumPy's: 1.6x faster than torch.unique here
-                bits, counts = np.unique(magnitude[a:b].view(torch.int32).numpy(), return_counts=True)
-                if bits.size <= (b - a) // EXACT_RATIO and bits[-1] < _INF_BITS:
+                values, limit = magnitude[a:b].view(torch.int32).numpy(), (b - a) // EXACT_RATIO
+                # a sixteenth with too many distinct values rules the tensor out (float32 deltas) at 6% of the cost
+                if np.unique(values[:(b - a) // 16]).size > limit:
+                    continue
+                bits, counts = np.unique(values, return_counts=True)  # NumPy's: 1.6x faster than torch.unique here
+                if bits.size <= limit and bits[-1] < _INF_BITS:
                     self.exact[s] = (bits[::-1].copy(), counts[::-1].cumsum())
 
     @property
