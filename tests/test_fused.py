@@ -126,7 +126,7 @@ def test_fused_block_merge_equals_the_eager_route_with_ties_at_the_cuts(monkeypa
     assert not any(index.exact for index in buckets)
     # tables for the long tensors without NaN; NaN (source 0, tensor 5; 1, 1) and short tensors take the bucket route
     assert [sorted(index.exact) for index in exact] == [[1, 2, 3], [2, 3, 5], [1, 2, 3, 5]]
-    surplus = 0
+    surplus = tied = 0
     for densities in ([0.3, 0.5, 0.9], [[1.0, 0.6, 0.1, 0.7, 0.5, 0.0], [0.2] * 6, [1.0] * 6], [0.05, 1.0, 0.5]):
         per_tensor = [d if isinstance(d, list) else [d] * len(sizes) for d in densities]
         kwargs = [{"weight": [0.7, 0.4 + 0.1 * s, -0.3], "density": [d[s] for d in per_tensor],
@@ -144,9 +144,13 @@ def test_fused_block_merge_equals_the_eager_route_with_ties_at_the_cuts(monkeypa
             high = high_half(magnitude)
             cut = index.cut(lambda a, b: high[a:b], magnitude.__getitem__, ks)
             surplus += int(cut.dropped.sum())
-            # the exact tables' points are the bucket route's cuts
-            points = exact[i].points(ks, lambda a, b: high[a:b], magnitude.__getitem__, lambda s, value, j: int(
-                (magnitude[block.offsets[s]:block.offsets[s + 1]] == value).nonzero()[j - 1]))
+            # the exact tables' points, their ties found, are the bucket route's cuts
+            points, ties = exact[i].points(ks, lambda a, b: high[a:b], magnitude.__getitem__)
+            for s, (value, j) in ties.items():
+                a, b = block.offsets[s], block.offsets[s + 1]
+                points[s] = (value, a + fused.nth_equal(base[a:b], [sources[i][a:b]], [value], [j])[0])
+            assert set(ties) <= set(exact[i].exact)
+            tied += len(ties)
             for s in range(len(sizes)):
                 assert points[s] == (None if ks[s] >= sizes[s] else (float(cut.values[s]), int(cut.last[s]))), (i, s)
-    assert surplus > 100  # cuts fell inside runs of equal magnitudes
+    assert surplus > 100 and tied > 10  # cuts fell inside runs of equal magnitudes

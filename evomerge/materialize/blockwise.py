@@ -15,6 +15,7 @@ rounding (L1 rescale sums, divisions by a per-tensor total) stays per tensor.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -136,13 +137,23 @@ def _merge_fused(block: Block, base: torch.Tensor, sources: Sequence[torch.Tenso
     """
     sizes, offsets = block.sizes, block.offsets
     cuts = []  # per source and tensor: None (kept whole) or (k-th largest magnitude, its block position)
+    ties = collections.defaultdict(list)  # tensor -> (source, value, j): cuts whose last tie kept is to be found
     for i, source in enumerate(sources):
         ks = keep_counts([kw["density"][i] for kw in kwargs], sizes) if indexes is not None else sizes
-        cuts.append(indexes[i].points(
-            ks, lambda a, b, t=source: fused.high_halves(base[a:b], t[a:b]), fused.magnitude_at(base, source),
-            lambda s, value, j, t=source: fused.nth_equal(
-                base[offsets[s]:offsets[s + 1]], t[offsets[s]:offsets[s + 1]], value, j))
-            if any(k < n for k, n in zip(ks, sizes)) else [None] * len(sizes))
+        if all(k >= n for k, n in zip(ks, sizes)):
+            cuts.append([None] * len(sizes))
+            continue
+        points, tied = indexes[i].points(
+            ks, lambda a, b, t=source: fused.high_halves(base[a:b], t[a:b]), fused.magnitude_at(base, source))
+        cuts.append(points)
+        for s, (value, j) in tied.items():
+            ties[s].append((i, value, j))
+    for s, asks in ties.items():  # one pass over a tensor for all its sources' ties
+        a, b = offsets[s], offsets[s + 1]
+        found = fused.nth_equal(base[a:b], [sources[i][a:b] for i, _, _ in asks], [v for _, v, _ in asks],
+                                [j for _, _, j in asks])
+        for (i, value, _), position in zip(asks, found):
+            cuts[i][s] = (value, a + position)
 
     def params(s: int) -> tuple:
         kw = kwargs[s]

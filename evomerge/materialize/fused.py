@@ -34,6 +34,7 @@ import logging
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from evomerge.methods.generalized_task_arithmetic import ordered_sum, sign_consensus, task_vector
@@ -52,10 +53,12 @@ def _high_halves(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return high_half((source.float() - base.float()).abs()).contiguous()
 
 
-def _row_matches(base: torch.Tensor, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _row_matches(base: torch.Tensor, sources, values: torch.Tensor) -> torch.Tensor:
     # compared as floats: a bit-pattern view compiles to a scalar loop; for a finite value, equal floats
     # are equal bits (the magnitudes hold no -0)
-    return ((source.float() - base.float()).abs() == value).view(-1, ROW).sum(1, dtype=torch.int32)
+    base32 = base.float()
+    return torch.stack([((source.float() - base32).abs() == values[i]).view(-1, ROW).sum(1, dtype=torch.int32)
+                        for i, source in enumerate(sources)])
 
 
 def _rows(base32: torch.Tensor, sources, cuts, weight) -> list[torch.Tensor]:
@@ -130,23 +133,27 @@ def high_halves(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return out if out is not None else high_half(task_vector(base.float(), source).abs_()).contiguous()
 
 
-def nth_equal(base: torch.Tensor, source: torch.Tensor, value: float, j: int) -> int:
-    """Position of the ``j``-th entry (from 1, in index order) whose ``|source - base|`` is ``value`` (finite).
+def nth_equal(base: torch.Tensor, sources, values: list[float], js: list[int]) -> list[int]:
+    """Per source ``i``, the position of the ``js[i]``-th entry (from 1, in index order) whose
+    ``|sources[i] - base|`` is ``values[i]`` (finite; there are at least ``js[i]``).
 
-    Compiled: one pass counts the matches per row of ``ROW`` entries and only
-    the row holding the j-th is searched; there must be at least ``j``.
+    Compiled: one pass counts the matches per row of ``ROW`` entries for all
+    sources, and only the row holding each j-th is searched.
     """
     full = base.numel() // ROW * ROW
-    counts = _run("row_matches", base[:full], source[:full], torch.tensor(value, dtype=torch.float32)) if full else None
-    start = 0
-    if counts is not None:
-        reached = counts.cumsum(0)
-        row = int(torch.searchsorted(reached, j))
-        start = row * ROW
-        j -= int(reached[row - 1]) if row else 0
-        base, source = base[start:start + ROW], source[start:start + ROW]
-    found = task_vector(base.float(), source).abs_() == value
-    return start + int(found.nonzero()[j - 1])
+    counts = _run("row_matches", base[:full], [t[:full] for t in sources],
+                  torch.tensor(values, dtype=torch.float32)) if full else None
+    found = []
+    for i, (source, value, j) in enumerate(zip(sources, values, js)):
+        start, stop = 0, base.numel()
+        if counts is not None:
+            reached = counts[i].numpy().cumsum()
+            row = int(np.searchsorted(reached, j))
+            start, stop = row * ROW, min(row * ROW + ROW, stop)
+            j -= int(reached[row - 1]) if row else 0
+        equal = task_vector(base[start:stop].float(), source[start:stop]).abs_() == value
+        found.append(start + int(equal.nonzero()[j - 1]))
+    return found
 
 
 def magnitude_at(base: torch.Tensor, source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -150,20 +150,21 @@ class MagnitudeIndex:
         return magnitude
 
     def points(self, ks: list[int], high_at: Callable[[int, int], torch.Tensor],
-               magnitude_at: Callable[[torch.Tensor], torch.Tensor],
-               nth: Callable[[int, int, int], int]) -> list[tuple[float, int] | None]:
+               magnitude_at: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list, dict[int, tuple[float, int]]]:
         """Per tensor ``s``, where to cut it to keep its ``ks[s]`` largest magnitudes (host values).
 
-        ``None``: kept whole; else ``(value, last)``, the k-th largest magnitude
-        and the block position of the last entry equal to it that is kept
-        (``Cut.values`` and ``Cut.last``; ``(inf, -1)``: nothing kept). Tensors
-        with an exact table are looked up there, and ``nth(s, value, j)``, the
-        position in tensor ``s`` of the j-th entry (from 1, in index order)
-        whose magnitude is ``value``, is asked only when entries equal to the
-        cut are dropped; the others are cut as ``cut`` does,
-        with its ``high_at`` and ``magnitude_at``.
+        Returns ``(points, ties)``. ``points[s]``: ``None`` (kept whole) or
+        ``(value, last)``, the k-th largest magnitude and the block position of
+        the last entry equal to it that is kept (``Cut.values`` and
+        ``Cut.last``; ``(inf, -1)``: nothing kept). Tensors with an exact table
+        are looked up there; where entries equal to the cut are dropped, their
+        ``last`` is left to the caller: ``ties[s] = (value, j)``, it is the
+        j-th entry of tensor ``s`` (from 1, in index order) whose magnitude is
+        ``value``. The other tensors are cut as ``cut`` does, with its
+        ``high_at`` and ``magnitude_at``.
         """
         points: list[tuple[float, int] | None] = [None] * len(ks)
+        ties: dict[int, tuple[float, int]] = {}
         rest = list(self.sizes)  # what the bucket route cuts: a tensor's size keeps it whole there
         for s, (k, n) in enumerate(zip(ks, self.sizes)):
             if k >= n:
@@ -178,13 +179,16 @@ class MagnitudeIndex:
                 above = int(ends[i - 1]) if i else 0
                 j = k - above  # the cut keeps the first j entries equal to it
                 value = float(bits[i:i + 1].view(np.float32)[0])
-                points[s] = (value, self.offsets[s] + (nth(s, value, j) if j < ends[i] - above else n - 1))
+                if j < ends[i] - above:
+                    ties[s] = (value, j)
+                else:
+                    points[s] = (value, self.offsets[s] + n - 1)
         if rest != self.sizes:
             cut = self.cut(high_at, magnitude_at, rest)
             for s, value, last in zip(range(len(ks)), cut.values.tolist(), cut.last.tolist()):
                 if rest[s] < self.sizes[s]:
                     points[s] = (value, last)
-        return points
+        return points, ties
 
     def cut(self, high_at: Callable[[int, int], torch.Tensor], magnitude_at: Callable[[torch.Tensor], torch.Tensor],
             ks: list[int]) -> Cut:
