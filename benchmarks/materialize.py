@@ -52,7 +52,10 @@ def synchronize(device: str) -> None:
 
 
 def per_candidate(fn, recipes, device: str) -> float:
-    fn(recipes[0])  # warm-up (builds the magnitude indexes)
+    # warm-up: builds the magnitude indexes, and compiles the fused kernels' variants these candidates
+    # take (per source count and cut pattern; a search pays each once per worker, in its first candidates)
+    for r in recipes:
+        fn(r)
     synchronize(device)
     start = time.perf_counter()
     for r in recipes:
