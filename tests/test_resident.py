@@ -210,6 +210,11 @@ def test_fused_route_equals_export(tiny_zoo, tmp_path, monkeypatch, dtype):
     tables = sum(len(index.exact) for index in merger._indexes.values())
     assert (tables > 0) == (dtype == "bfloat16") and not fused._broken
     assert {"merge", "row_matches" if tables else "high_halves"} <= set(compiled)
+    # the memory plan's workspace holds the tables it built
+    plain = ResidentMerger(m["base"], [m[t] for t in zoo.finetune_tasks], device="cpu", fused=False)
+    table_bytes = sum(bits.nbytes + ends.nbytes
+                      for index in merger._indexes.values() for bits, ends in index.exact.values())
+    assert table_bytes <= merger.memory.workspace_bytes - plain.memory.workspace_bytes
 
 
 def test_a_family_whose_tensors_are_stacked_on_load_is_refused_clearly(tmp_path):

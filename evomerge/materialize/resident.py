@@ -146,18 +146,22 @@ class ResidentMerger:
         block_numel = block_numel or default_block_numel(self.device)
         names = [str(base)] + [str(s) for s in sources if str(s) != str(base)]
         dirs = {name: ModelDir(name, allow_pickle=allow_pickle) for name in names}
-        widest = max((b.numel for d in dirs.values() for b in layout(d, block_numel)), default=0)
-        #: where the pool lives and why (see ``evomerge.materialize.placement``)
-        self.memory = plan_memory(
-            pool_bytes=sum(model_bytes(d) for d in dirs.values()), live_bytes=model_bytes(dirs[str(base)]),
-            workspace_bytes=(len(names) + 2) * widest * 4, device=self.device, requested=placement,
-            sharing=sharing,
-        )
-        log.info("resident merger: %s", self.memory.describe())
+        blocks = {name: layout(d, block_numel) for name, d in dirs.items()}
+        widest = max((b.numel for bs in blocks.values() for b in bs), default=0)
         #: whether task-vector merges run compiled (``materialize.fused``, CPU only): by default for
         #: models large enough that the saved passes outweigh a compile of a few seconds
         self.fused = self.device == "cpu" and (
             fused if fused is not None else model_bytes(dirs[str(base)]) >= FUSED_MIN_BYTES)
+        # the fused route's TIES cuts look magnitudes up in exact tables, held next to the workspace
+        source_entries = sum(b.numel for name in names[1:] for b in blocks[name])
+        tables = MagnitudeIndex.table_bound(source_entries) if self.fused else 0
+        #: where the pool lives and why (see ``evomerge.materialize.placement``)
+        self.memory = plan_memory(
+            pool_bytes=sum(model_bytes(d) for d in dirs.values()), live_bytes=model_bytes(dirs[str(base)]),
+            workspace_bytes=(len(names) + 2) * widest * 4 + tables, device=self.device, requested=placement,
+            sharing=sharing,
+        )
+        log.info("resident merger: %s", self.memory.describe())
         self.pool = {name: PoolModel(d, placement=self.memory.placement, device=self.device, block_numel=block_numel)
                      for name, d in dirs.items()}
         self._indexes: dict[tuple[str, str, int], MagnitudeIndex] = {}
