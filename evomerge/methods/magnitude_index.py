@@ -16,9 +16,11 @@ Task vectors of bfloat16 models take few distinct magnitudes (differences of
 two 8-bit mantissas: ~0.5% of the entries of the medium zoo's tensors), so a
 bucket of high halves mixes several values and holds ~1% of a tensor, and
 finding its members costs passes over the block. For such tensors the index
-can also hold an exact table, every distinct magnitude with its count
-(``points``): the k-th largest is then a lookup, and only a cut that falls
-inside a run of equal magnitudes needs to find where the kept ones end.
+can also hold an exact table, every distinct magnitude with its cumulative
+count (``points``; at most one per ``EXACT_RATIO`` entries, so at most 4% of
+bfloat16 weights, ~2% of the medium zoo's pool): the k-th largest is then a
+lookup, and only a cut that falls inside a run of equal magnitudes needs to
+find where the kept ones end.
 """
 
 from __future__ import annotations
