@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from evomerge.materialize import fused
-from evomerge.methods.generalized_task_arithmetic import task_vector
 from evomerge.methods import magnitude_index as magnitude_index_module
+from evomerge.methods.generalized_task_arithmetic import task_vector
 from evomerge.methods.magnitude_index import high_half
 
 
