@@ -71,7 +71,6 @@ def test_lm_eval_bad_tasks_are_clear(tiny_zoo, live):
         group.setup(model, tok)
 
 
-
 def test_lm_eval_names_a_task_yaml_that_does_not_parse(tiny_zoo, live, tmp_path):
     model, tok = live
     tasks = tmp_path / "tasks"

@@ -119,9 +119,10 @@ class MagnitudeIndex:
         self.exact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if magnitude is not None:
             for s, (a, b) in enumerate(itertools.pairwise(self.offsets)):
-                if b - a < EXACT_RATIO or self.first[s + 1] - self.first[s] > (b - a) // EXACT_RATIO:
+                limit = (b - a) // EXACT_RATIO
+                if limit == 0 or self.first[s + 1] - self.first[s] > limit:
                     continue  # more distinct values than a table may hold: there are as many buckets or more
-                values, limit = magnitude[a:b].view(torch.int32).numpy(), (b - a) // EXACT_RATIO
+                values = magnitude[a:b].view(torch.int32).numpy()
                 # a sixteenth with too many distinct values rules the tensor out (float32 deltas) at 6% of the cost
                 if np.unique(values[:(b - a) // 16]).size > limit:
                     continue
@@ -194,7 +195,7 @@ class MagnitudeIndex:
                     points[s] = (value, self.offsets[s] + n - 1)
         if rest != self.sizes:
             cut = self.cut(high_at, magnitude_at, rest)
-            for s, value, last in zip(range(len(ks)), cut.values.tolist(), cut.last.tolist()):
+            for s, (value, last) in enumerate(zip(cut.values.tolist(), cut.last.tolist())):
                 if rest[s] < self.sizes[s]:
                     points[s] = (value, last)
         return points, ties

@@ -98,10 +98,10 @@ def export_run(run: RunDir, out: Path, *, rank: int | None = None, candidate: in
     space = run.space()
     chosen, best = _chosen(run, rank, candidate)
     recipe = Recipe.model_validate(chosen.recipe)
-    ids = [e.id for e in best]
-    scores: dict = {"candidate": chosen.id, "rank": ids.index(chosen.id) + 1 if chosen.id in ids else None,
-                    "genes": chosen.genes, "validation": {"metrics": chosen.metrics}}
-    if chosen.id in ids:
+    its_rank = next((r for r, e in enumerate(best, 1) if e.id == chosen.id), None)  # None: not a full success
+    scores: dict = {"candidate": chosen.id, "rank": its_rank, "genes": chosen.genes,
+                    "validation": {"metrics": chosen.metrics}}
+    if its_rank is not None:
         scores["validation"]["fitness"] = dict(zip(space.objective.names, chosen.fitness))
     else:
         scores["status"] = "screened" if chosen.screened else chosen.status
